@@ -1,0 +1,245 @@
+"""Registry of base-classifier architectures, by name.
+
+Every model built here is ``Sequential(NormalizeLayer(mean, std), network)``: it takes
+float32 pixels in [0, 1] and normalises inside, so noise is added in pixel space and
+radii are in pixel units. The state-dict keys are those of Cohen et al.'s
+checkpoints (``1.conv1.weight``, ...) because their models have the same
+``Sequential(NormalizeLayer, model)`` shape and a NormalizeLayer without parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    """Decorator: register ``fn(num_classes, in_channels, **architecture_args) -> nn.Module``."""
+
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names of the registered architectures."""
+    return sorted(_REGISTRY)
+
+
+class NormalizeLayer(nn.Module):
+    """(x - mean) / std per channel. No parameters, so it adds no state-dict keys."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
+        if torch.any(std <= 0):
+            raise ValueError(f"std must be > 0, got {std.flatten().tolist()}")
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, x):
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+def build_model(name: str, *, num_classes: int, input_shape, mean, std, **architecture_args) -> nn.Module:
+    """Build ``Sequential(NormalizeLayer(mean, std), architecture)`` with fresh weights."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(available())}")
+    in_channels = int(input_shape[0])
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(
+            f"mean and std need one value per input channel ({in_channels}), got {len(mean)} and {len(std)}"
+        )
+    network = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, input_shape=tuple(input_shape),
+                              **architecture_args)
+    return nn.Sequential(NormalizeLayer(mean, std), network)
+
+
+# --- Cohen-compatible CIFAR ResNets (layer structure of bearpaw/pytorch-classification) ---
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet: 3 stages of 16/32/64 (x width) planes, depth = 6n + 2.
+
+    Module names match Cohen et al.'s ``archs/cifar_resnet.py`` so their checkpoints load.
+    ``width`` > 1 widens every stage (not Cohen-compatible unless 1).
+    """
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3, block: str = "basic", width: int = 1):
+        super().__init__()
+        if block == "basic":
+            if (depth - 2) % 6:
+                raise ValueError(f"basic-block depth must be 6n + 2, got {depth}")
+            blocks, unit = (depth - 2) // 6, BasicBlock
+        elif block == "bottleneck":
+            if (depth - 2) % 9:
+                raise ValueError(f"bottleneck depth must be 9n + 2, got {depth}")
+            blocks, unit = (depth - 2) // 9, Bottleneck
+        else:
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+        base = 16 * int(width)
+        self.inplanes = base
+        self.conv1 = nn.Conv2d(in_channels, base, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(unit, base, blocks)
+        self.layer2 = self._make_layer(unit, base * 2, blocks, stride=2)
+        self.layer3 = self._make_layer(unit, base * 4, blocks, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(base * 4 * unit.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, unit, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * unit.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * unit.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * unit.expansion),
+            )
+        layers = [unit(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * unit.expansion
+        layers += [unit(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@register("cifar_resnet20")
+def cifar_resnet20(num_classes: int, in_channels: int, input_shape=None, width: int = 1) -> nn.Module:
+    """ResNet-20 (0.27 M parameters, ~41 M multiply-adds at 32x32); Cohen's ``cifar_resnet20``."""
+    return CifarResNet(20, num_classes, in_channels, "basic", width)
+
+
+@register("cifar_resnet110")
+def cifar_resnet110(num_classes: int, in_channels: int, input_shape=None, width: int = 1) -> nn.Module:
+    """ResNet-110 (basic blocks, 1.7 M parameters); Cohen's ``cifar_resnet110``."""
+    return CifarResNet(110, num_classes, in_channels, "basic", width)
+
+
+# --- small networks ---
+
+
+@register("small_cnn")
+def small_cnn(num_classes: int, in_channels: int, input_shape, channels=(16, 32), hidden: int = 64) -> nn.Module:
+    """A small conv net: [conv3x3-BN-ReLU] x len(channels) with 2x2 pooling after each, then an MLP.
+
+    Sized for 8x8 digits with the defaults; ``channels=(32, 64, 128)`` suits 32x32 CIFAR.
+    """
+    layers: list[nn.Module] = []
+    cin = in_channels
+    h, w = int(input_shape[1]), int(input_shape[2])
+    for cout in channels:
+        layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        if h >= 2 and w >= 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        cin = cout
+    layers += [nn.Flatten(), nn.Linear(cin * h * w, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)]
+    return nn.Sequential(*layers)
+
+
+@register("linear")
+def linear(num_classes: int, in_channels: int, input_shape) -> nn.Module:
+    """Logits = W x + b on the flattened input. Its smoothed probabilities are closed-form,
+    which is what the exact-oracle tests use."""
+    size = 1
+    for d in input_shape:
+        size *= int(d)
+    return nn.Sequential(nn.Flatten(), nn.Linear(size, num_classes))
+
+
+def count_flops(model: nn.Module, input_shape) -> int:
+    """Floating-point operations of one forward pass on one input (2 per multiply-add).
+
+    Counts convolutions and linear layers from their shapes, measured with forward
+    hooks on a real pass; elementwise layers (BN, ReLU, pooling) are left out, as is usual.
+    """
+    total = 0
+
+    def conv_hook(module, inputs, output):
+        nonlocal total
+        kernel = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
+        total += 2 * kernel * output.numel() // output.shape[0]
+
+    def linear_hook(module, inputs, output):
+        nonlocal total
+        total += 2 * module.in_features * module.out_features
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(torch.zeros((1, *input_shape)))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return int(total)

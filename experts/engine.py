@@ -1,0 +1,187 @@
+"""The hot loop: run a network on n Gaussian-noised copies of an input and count argmax classes.
+
+Every backend implements :class:`NoisyCounter`; the statistics never learn which
+backend they have. This module holds the protocol and the torch engine:
+
+* noise is drawn on the engine's device, keyed by :class:`~experts.noise.NoiseKey`
+  (see :mod:`experts.noise`), so counts do not depend on batch size or packing;
+* many images' noisy copies are packed into each forward batch (``counts_many``);
+* the model runs under ``torch.inference_mode`` and classes are counted with
+  ``bincount`` on the device, one transfer per call.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from .errors import EngineUnavailableError
+from .noise import BLOCK, NoiseKey, blocks_for
+from .stats import check_count, check_sigma
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@runtime_checkable
+class NoisyCounter(Protocol):
+    """Counts the base classifier's argmax classes on Gaussian-noised copies of inputs."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+    engine: str
+    precision: str
+
+    def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey) -> np.ndarray:
+        """int64 [num_classes]: class counts of f(x + sigma * eps_s), s < n, eps from stream ``key``."""
+
+    def counts_many(
+        self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]
+    ) -> np.ndarray:
+        """int64 [len(xs), num_classes]: :meth:`counts` for each image, packed into shared batches."""
+
+
+def validate_request(counter, xs: np.ndarray, sigma: float, n: int, keys) -> np.ndarray:
+    """Check a counts_many request and return ``xs`` as float32 [B, *input_shape]."""
+    check_sigma(sigma)
+    check_count(n, "n")
+    xs = np.asarray(xs, dtype=np.float32)
+    if xs.ndim != len(counter.input_shape) + 1 or tuple(xs.shape[1:]) != tuple(counter.input_shape):
+        raise ValueError(
+            f"inputs must have shape [B, {', '.join(map(str, counter.input_shape))}], got {list(xs.shape)}"
+        )
+    if len(keys) != len(xs):
+        raise ValueError(f"need one noise key per image: {len(keys)} keys for {len(xs)} images")
+    return xs
+
+
+def batch_segments(num_images: int, n: int, batch_size: int):
+    """Split the flattened (image, sample) space into forward batches.
+
+    Yields, per batch, a list of ``(image, first_sample, stop_sample)`` segments whose
+    lengths add up to at most ``batch_size``.
+    """
+    total = num_images * n
+    pos = 0
+    while pos < total:
+        end = min(total, pos + batch_size)
+        segments = []
+        for image in range(pos // n, (end - 1) // n + 1):
+            s0 = max(pos, image * n) - image * n
+            s1 = min(end, (image + 1) * n) - image * n
+            segments.append((image, s0, s1))
+        yield segments
+        pos = end
+
+
+def resolve_device(device: str):
+    """Return a torch.device, or raise EngineUnavailableError if it cannot run here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise EngineUnavailableError(f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineUnavailableError(
+            f"device {device!r} requested but torch sees no CUDA GPU here; use --device cpu "
+            "or install a CUDA build of torch"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise EngineUnavailableError(f"device {device!r} requested but MPS is not available; use --device cpu")
+    return dev
+
+
+class TorchCounter:
+    """:class:`NoisyCounter` over a torch module.
+
+    ``model`` maps float32 [B, *input_shape] pixels in [0, 1] to logits [B, num_classes]
+    (normalisation inside). ``precision`` is the dtype the network runs in; the noise
+    is always drawn and added in float32 and then cast. Certificates are valid for
+    the network that actually runs, so the precision is part of a run's metadata.
+    """
+
+    engine = "torch"
+
+    def __init__(
+        self,
+        model,
+        *,
+        num_classes: int,
+        input_shape: Sequence[int],
+        device: str = "cpu",
+        batch_size: int = 400,
+        precision: str = "fp32",
+        channels_last: bool = True,
+    ):
+        import torch
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.device = resolve_device(device)
+        self.num_classes = check_count(num_classes, "num_classes")
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.batch_size = check_count(batch_size, "batch_size")
+        self.precision = precision
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.channels_last = bool(channels_last) and len(self.input_shape) == 3
+        model = model.eval().to(self.device)
+        if self.dtype != torch.float32:
+            model = model.to(self.dtype)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._generator = torch.Generator(device=self.device)
+
+    def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey) -> np.ndarray:
+        return self.counts_many(np.asarray(x)[None], sigma, n, keys=[key])[0]
+
+    def _fill_noise(self, out, key: NoiseKey, s0: int, s1: int) -> None:
+        """Write samples [s0, s1) of stream ``key`` into ``out`` (float32 [s1 - s0, *shape])."""
+        import torch
+
+        offset = 0
+        for block in blocks_for(s0, s1):
+            lo = max(s0, block * BLOCK) - block * BLOCK
+            hi = min(s1, (block + 1) * BLOCK) - block * BLOCK
+            self._generator.manual_seed(key.block_seed(block))
+            if lo == 0 and hi == BLOCK:
+                torch.randn(out[offset : offset + BLOCK].shape, generator=self._generator,
+                            device=self.device, out=out[offset : offset + BLOCK])
+            else:
+                full = torch.randn((BLOCK, *self.input_shape), generator=self._generator, device=self.device)
+                out[offset : offset + hi - lo].copy_(full[lo:hi])
+            offset += hi - lo
+
+    def logits(self, batch):
+        """Logits of a float32 batch already on the device, in the engine's precision."""
+        import torch
+
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return self.model(batch.to(self.dtype))
+
+    def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:
+        import torch
+
+        xs = validate_request(self, xs, sigma, n, keys)
+        k = self.num_classes
+        with torch.inference_mode():
+            images = torch.as_tensor(xs, device=self.device)
+            totals = torch.zeros(len(xs) * k, dtype=torch.int64, device=self.device)
+            buffer = torch.empty((min(self.batch_size, len(xs) * n), *self.input_shape), device=self.device)
+            for segments in batch_segments(len(xs), n, self.batch_size):
+                size = sum(s1 - s0 for _, s0, s1 in segments)
+                batch = buffer[:size]
+                owners = []
+                offset = 0
+                for image, s0, s1 in segments:
+                    part = batch[offset : offset + s1 - s0]
+                    self._fill_noise(part, keys[image], s0, s1)
+                    part.mul_(sigma).add_(images[image])
+                    owners.append(torch.full((s1 - s0,), image * k, dtype=torch.int64, device=self.device))
+                    offset += s1 - s0
+                predictions = self.logits(batch).argmax(dim=1)
+                flat = predictions if len(owners) == 1 and segments[0][0] == 0 else predictions + torch.cat(owners)
+                totals += torch.bincount(flat, minlength=len(xs) * k)
+            return totals.view(len(xs), k).cpu().numpy().astype(np.int64)

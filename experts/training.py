@@ -1,0 +1,179 @@
+"""Gaussian-augmentation training of an expert (Cohen et al. 2019): f is trained on x + N(0, sigma^2 I).
+
+Fresh noise is drawn for every batch. Checkpoints every epoch to ``OUT/checkpoint.pt``
+(tensors only, loaded back with ``weights_only=True``); re-running the same command
+resumes from it. The finished folder holds ``config.json`` (with a training record)
+and ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .data import CIFAR10_MEAN, CIFAR10_STD, load_dataset
+from .errors import DataError
+from .folders import ModelConfig, save_folder
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def default_architecture(input_shape) -> tuple[str, dict]:
+    if tuple(input_shape) == (3, 32, 32):
+        return "cifar_resnet20", {}
+    return "small_cnn", {}
+
+
+def channel_stats(dataset, indices) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the given training images (CIFAR-10: the published constants)."""
+    if dataset.name == "cifar10":
+        return list(CIFAR10_MEAN), list(CIFAR10_STD)
+    x = dataset.batch(indices)
+    return ([round(float(v), 4) for v in x.mean(axis=(0, 2, 3))],
+            [round(max(float(v), 1e-3), 4) for v in x.std(axis=(0, 2, 3))])
+
+
+def augment(batch, generator):
+    """Random 4-pixel-padded crop and horizontal flip, for 32x32 RGB images (torch, per batch)."""
+    import torch
+
+    n, _, h, w = batch.shape
+    padded = torch.nn.functional.pad(batch, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])  # [n, h]
+    cols = (dx[:, None] + torch.arange(w)[None, :])  # [n, w]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(batch.shape[1])[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def training_subset(length: int, fraction: float, seed: int) -> np.ndarray:
+    """A fixed random subset (sorted indices) of a training split."""
+    if fraction >= 1.0:
+        return np.arange(length)
+    count = max(1, int(round(length * fraction)))
+    return np.sort(np.random.default_rng(seed).permutation(length)[:count])
+
+
+def noisy_accuracy(model, dataset, indices, sigma: float, seed: int, batch: int = 500) -> float:
+    """Accuracy of the base classifier on one Gaussian-noised copy of each image."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    model.eval()
+    with torch.inference_mode():
+        for s in range(0, len(indices), batch):
+            part = indices[s:s + batch]
+            x = torch.from_numpy(dataset.batch(part))
+            x = x + sigma * torch.randn(x.shape, generator=gen)
+            correct += int((model(x).argmax(1).numpy() == dataset.labels[part]).sum())
+    return correct / max(len(indices), 1)
+
+
+def train_expert(*, dataset: str, data: str | None, sigma: float, arch: str | None = None, arch_args: dict | None = None,
+                 epochs: int = 30, batch: int = 128, lr: float = 0.1, weight_decay: float = 5e-4,
+                 fraction: float = 1.0, seed: int = 0, threads: int | None = None, out: str, overwrite: bool = False,
+                 command: str = "", log: Callable[[str], None] | None = print, kind: str = "expert") -> Path:
+    """Train with Gaussian augmentation at ``sigma`` and write an expert folder to ``out``.
+
+    SGD with Nesterov momentum 0.9 and a cosine learning-rate schedule. Deterministic for
+    a seed and thread count; resumable from ``OUT/checkpoint.pt``.
+    """
+    import torch
+    from torch import nn
+
+    from .architectures import build_model
+
+    log = log or (lambda message: None)
+    out_dir = Path(out)
+    if (out_dir / "config.json").exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a model; pass --force to replace it")
+    if threads:
+        torch.set_num_threads(threads)
+    train = load_dataset(dataset, split="train", data=data)
+    test = load_dataset(dataset, split="test", data=data)
+    subset = training_subset(len(train), fraction, seed)
+    if len(subset) < batch:
+        batch = len(subset)
+    name, default_args = default_architecture(train.input_shape)
+    arch = arch or name
+    arch_args = dict(default_args if arch == name else {}, **(arch_args or {}))
+    mean, std = channel_stats(train, subset)
+    num_classes = int(train.labels.max()) + 1
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=num_classes, input_shape=train.input_shape, mean=mean, std=std, **arch_args)
+    steps_per_epoch = math.ceil(len(subset) / batch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
+                                                    pct_start=0.15, anneal_strategy="cos")
+    settings = {"dataset": dataset, "sigma": sigma, "arch": arch, "arch_args": arch_args, "epochs": epochs,
+                "batch": batch, "lr": lr, "weight_decay": weight_decay, "fraction": fraction, "seed": seed}
+    start_epoch, history = 0, []
+    ckpt_path = out_dir / CHECKPOINT
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["settings"] != settings:
+            raise DataError(f"{ckpt_path} was written with other settings ({state['settings']}); delete it or repeat them")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        log(f"resuming from {ckpt_path} at epoch {start_epoch}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    augment_images = tuple(train.input_shape) == (3, 32, 32)
+    criterion = nn.CrossEntropyLoss()
+    model = model.to(memory_format=torch.channels_last)
+    for epoch in range(start_epoch, epochs):
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = subset[np.random.default_rng(seed * 1000 + epoch).permutation(len(subset))]
+        model.train()
+        started, total_loss, correct = time.perf_counter(), 0.0, 0
+        for step in range(steps_per_epoch):
+            part = order[step * batch:(step + 1) * batch]
+            x = torch.from_numpy(train.batch(part))
+            y = torch.from_numpy(train.labels[part])
+            if augment_images:
+                x = augment(x, gen)
+            x = (x + sigma * torch.randn(x.shape, generator=gen)).contiguous(memory_format=torch.channels_last)
+            logits = model(x)
+            loss = criterion(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(part)
+            correct += int((logits.argmax(1) == y).sum())
+        record = {"epoch": epoch + 1, "loss": round(total_loss / len(subset), 4),
+                  "noisy_train_accuracy": round(correct / len(subset), 4),
+                  "seconds": round(time.perf_counter() - started, 1)}
+        history.append(record)
+        log(f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, noisy train acc "
+            f"{100 * record['noisy_train_accuracy']:.1f}%, {record['seconds']:.0f}s")
+        tmp = ckpt_path.with_name(CHECKPOINT + ".tmp")
+        torch.save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history}, tmp)
+        os.replace(tmp, ckpt_path)
+    model = model.to(memory_format=torch.contiguous_format)
+    test_indices = np.arange(min(len(test), 2000))
+    accuracy = noisy_accuracy(model, test, test_indices, sigma, seed)
+    log(f"noisy test accuracy (sigma={sigma}, {len(test_indices)} images): {100 * accuracy:.1f}%")
+    config = ModelConfig(
+        kind=kind, sigma=float(sigma), num_classes=num_classes, input_shape=tuple(train.input_shape), mean=tuple(mean),
+        std=tuple(std), architecture=arch, architecture_args=arch_args, class_names=train.class_names,
+        name=out_dir.name,
+        extra={"training": {"command": command, "recipe": "Gaussian data augmentation (Cohen et al. 2019)",
+                            **settings, "train_images": int(len(subset)), "history": history,
+                            "noisy_test_accuracy": round(accuracy, 4), "noisy_test_images": int(len(test_indices))}},
+    )
+    save_folder(out_dir, config, model, overwrite=True)
+    ckpt_path.unlink(missing_ok=True)
+    return out_dir

@@ -1,0 +1,1 @@
+"""Export to ONNX/TensorRT and the runtimes that execute exported models."""

@@ -1,0 +1,1 @@
+"""Dual RS routing: the smoothed router, dual certification, result files and the CLI."""

@@ -1,0 +1,319 @@
+"""``dualrs-route``: certify, predict and analyze with Dual RS routers and expert RS classifiers.
+
+A thin layer over the library: every library error becomes a one-line message and
+exit code 1; bad option values exit with code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shlex
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import click
+
+from experts.errors import DualRSError
+from experts.folders import ENGINES
+
+DEFAULT_ROUTER = "builtin:digits-router"
+
+
+def _fail(exc: Exception):
+    raise click.ClickException(" ".join(str(exc).split("\n")[0].split()) if not isinstance(exc, DualRSError)
+                               else str(exc)) from None
+
+
+class _Group(click.Group):
+    """Turns library errors into clean messages (no tracebacks) for every sub-command."""
+
+    def invoke(self, ctx):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
+        except DualRSError as exc:
+            _fail(exc)
+        except ValueError as exc:  # option values rejected by library checks
+            raise click.UsageError(str(exc)) from None
+        except FileExistsError as exc:
+            _fail(exc)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {message}", err=True)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dualrs-route", message="%(prog)s %(version)s")
+def main():
+    """Certified-robust inference with Dual Randomized Smoothing.
+
+    A smoothed router picks one expert RS classifier per input; the expert is certified with
+    standard RS; the final radius is min(R_router, R_expert) at confidence 1 - (alpha + beta).
+    """
+
+
+def _radii(value: str) -> tuple[float, ...]:
+    try:
+        radii = tuple(float(v) for v in value.replace(" ", ",").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    if not radii or any(r < 0 for r in radii):
+        raise click.BadParameter("radii must be >= 0")
+    return radii
+
+
+def _progress(label: str, quiet: bool):
+    if quiet:
+        return None
+
+    def wrap(items, length):
+        bar = click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True)
+        return _BarIterator(bar)
+
+    return wrap
+
+
+class _BarIterator:
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __iter__(self):
+        with self.bar as items:
+            yield from items
+
+
+def _model_options(f):
+    options = [
+        click.option("--expert", "experts", multiple=True, metavar="REF",
+                     help="Expert folder, hf://org/repo[@rev] or builtin:NAME. Repeat with --select best-radius."),
+        click.option("--router", default=None, metavar="REF",
+                     help=f"Router folder (lists its experts). Default when no --expert: {DEFAULT_ROUTER}."),
+        click.option("--dataset", default="digits", show_default=True,
+                     help="digits, cifar10 (with --data) or npz:PATH."),
+        click.option("--data", default=None, metavar="PATH", help="Data location for --dataset cifar10."),
+        click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True),
+        click.option("--skip", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Certify every SKIP-th example (Cohen's --skip)."),
+        click.option("--max", "max_index", type=int, default=-1, show_default=True,
+                     help="Stop before this example index; -1 for all (Cohen's --max)."),
+        click.option("--alpha", type=float, default=0.001, show_default=True,
+                     help="Total failure probability (split evenly between router and expert)."),
+        click.option("--alpha-router", type=float, default=None,
+                     help="Router's share beta of --alpha; the expert gets the rest."),
+        click.option("--router-N", "router_n", type=int, default=None, help="Router's N (default: --N)."),
+        click.option("--batch", type=click.IntRange(min=1), default=400, show_default=True,
+                     help="Noisy samples per forward pass (does not change results)."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default="fp32",
+                     show_default=True, help="Precision the networks run in (certificates hold for that network)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="torch/ORT intra-op threads."),
+        click.option("--sigma", type=float, default=None,
+                     help="Override a single expert's noise level (default: its config's sigma)."),
+        click.option("--out", type=click.Path(dir_okay=False), default=None,
+                     help="Results TSV (+ .json sidecar). Re-running with the same --out resumes."),
+        click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown",
+                     show_default=True, help="Format of the summary printed at the end."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_index, n0, n, alpha, alpha_router,
+         router_n0, router_n, batch, seed, device, engine, precision, threads, sigma, out, fmt, quiet):
+    from experts.data import load_dataset
+
+    from .results import read_results, summarize, format_markdown
+    from .run import execute, plan_run
+
+    if sigma is not None and sigma <= 0:
+        raise click.BadParameter(f"must be > 0, got {sigma}", param_hint="--sigma")
+    if not (0.0 < alpha < 1.0):
+        raise click.BadParameter(f"must be in (0, 1), got {alpha}", param_hint="--alpha")
+    if n0 is not None and n0 < 1:
+        raise click.BadParameter(f"must be >= 1, got {n0}", param_hint="--N0")
+    if n < 1:
+        raise click.BadParameter(f"must be >= 1, got {n}", param_hint="--N")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if not experts and not router:
+        router = DEFAULT_ROUTER
+    plan = plan_run(experts=experts, router=router, select=select, n0=n0 or 1, n=n, alpha=alpha,
+                    alpha_router=alpha_router, router_n0=router_n0, router_n=router_n, seed=seed, engine=engine,
+                    precision=precision, device=device, batch=batch, sigma=sigma)
+    if task == "predict" and plan.mode == "best-radius":
+        raise click.UsageError("predict supports --router or a single --expert, not --select best-radius")
+    for note in plan.notes:
+        click.echo(f"warning: {note}", err=True)
+    ds = load_dataset(dataset, split=split, data=data)
+    command = "dualrs-route " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(out) if out else Path(tmp) / "results.tsv"
+        if out and Path(out).is_dir():
+            raise click.BadParameter(f"{out} is a folder; give a file name", param_hint="--out")
+        execute(plan, ds, skip=skip, max_index=max_index, out_path=path, data=data, command=command, task=task,
+                progress=_progress(task, quiet))
+        if task == "certify":
+            table = read_results(path)
+            table.name = Path(out).name if out else plan.mode
+            summary = summarize(table)
+            if fmt == "json":
+                click.echo(json.dumps(summary, indent=2))
+            else:
+                click.echo(format_markdown([summary]))
+        else:
+            lines = path.read_text().splitlines()[1:]
+            rows = [line.split("\t") for line in lines]
+            correct = sum(int(r[3]) for r in rows)
+            abstain = sum(r[2] == "-1" for r in rows)
+            summary = {"count": len(rows), "accuracy": correct / max(len(rows), 1),
+                       "abstain_rate": abstain / max(len(rows), 1)}
+            click.echo(json.dumps(summary, indent=2) if fmt == "json" else
+                       f"predicted {len(rows)} examples: accuracy {100 * summary['accuracy']:.1f}%, "
+                       f"abstained {100 * summary['abstain_rate']:.1f}%")
+        if out:
+            click.echo(f"results: {out} (metadata: {out}.json)", err=True)
+
+
+@main.command()
+@_model_options
+@click.option("--select", type=click.Choice(["router", "best-radius"]), default=None,
+              help="best-radius: certify every --expert and keep the best correct one per example. Uses the "
+                   "label: an oracle upper bound for analysis, NOT a certificate.")
+@click.option("--N0", "n0", type=int, default=100, show_default=True, help="Selection samples per stage.")
+@click.option("--N", "n", type=int, default=100_000, show_default=True, help="Estimation samples per stage.")
+@click.option("--router-N0", "router_n0", type=int, default=None, help="Router's N0 (default: --N0).")
+def certify(**options):
+    """Certify examples with a router (Dual RS) or a single expert (Cohen's CERTIFY).
+
+    Writes one TSV row per example (idx label predict radius correct time, then routing
+    columns), resumes an interrupted --out, and prints a certified-accuracy table.
+    With no --expert/--router it certifies the digits test split with the bundled demo router.
+    """
+    _run("certify", **options)
+
+
+@main.command()
+@_model_options
+@click.option("--N", "n", type=int, default=100_000, show_default=True, help="Samples per stage.")
+def predict(**options):
+    """Cohen's PREDICT (abstains unless a binomial test separates the top two classes).
+
+    With a router: route with PREDICT at beta (default alpha/2), then predict with the expert at alpha/2.
+    """
+    _run("predict", select=None, n0=None, router_n0=None, **options)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--radii", default="0,0.25,0.5,0.75,1.0,1.25,1.5", show_default=True, callback=lambda c, p, v: _radii(v),
+              help="Comma-separated radii.")
+@click.option("--oracle/--no-oracle", default=None,
+              help="Add the best-expert-per-example row (default: when two or more single-expert files are given).")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown", show_default=True)
+def analyze(files, radii, oracle, fmt):
+    """Certified accuracy at each radius, abstain rate and ACR of result TSVs (ours or Cohen et al.'s).
+
+    Certified accuracy at r is the fraction of rows with correct = 1 and radius >= r.
+    Given several single-expert files it adds the envelope (best single expert at each
+    radius) and the oracle (best expert per example), and for router files the share of
+    the oracle's gain over the envelope that the router captures.
+    """
+    from .results import analysis_report
+
+    report = analysis_report(list(files), radii, oracle=oracle)
+    click.echo(json.dumps(report, indent=2) if fmt == "json" else report["markdown"])
+
+
+@main.group("experts")
+def experts_group():
+    """Manage expert folders."""
+
+
+@experts_group.command("list")
+def experts_list():
+    """List the built-in demo models (use them as builtin:NAME)."""
+    from experts.folders import builtin_names, load_folder
+
+    for name in builtin_names():
+        cfg = load_folder("builtin:" + name).config
+        click.echo(f"builtin:{name}\t{cfg.kind}\tsigma={cfg.sigma}\t{cfg.architecture}")
+
+
+@experts_group.command("import-cohen")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--sigma", type=float, required=True, help="Noise level the checkpoint was trained with.")
+@click.option("--dataset", type=click.Choice(["cifar10"]), default="cifar10", show_default=True)
+@click.option("--arch", default=None, help="Architecture (default: the checkpoint's 'arch' entry).")
+@click.option("--force", is_flag=True, help="Replace an existing folder.")
+def import_cohen(checkpoint, out_dir, sigma, dataset, arch, force):
+    """Convert a Cohen et al. checkpoint (checkpoint.pth.tar) into a safetensors expert folder.
+
+    The pickle is loaded with torch.load(weights_only=True): no code from it runs.
+    """
+    from experts.cohen import import_cohen_checkpoint
+
+    if sigma <= 0:
+        raise click.BadParameter(f"must be > 0, got {sigma}", param_hint="--sigma")
+    path = import_cohen_checkpoint(checkpoint, out_dir, sigma=sigma, dataset=dataset, arch=arch, overwrite=force)
+    click.echo(f"wrote {path}")
+
+
+@main.command("train-expert")
+@click.option("--dataset", default="digits", show_default=True)
+@click.option("--data", default=None)
+@click.option("--sigma", type=float, required=True, help="Gaussian augmentation noise level.")
+@click.option("--arch", default=None, help="Architecture (default: small_cnn for digits, cifar_resnet20 for cifar10).")
+@click.option("--arch-args", default="{}", help="JSON dict of architecture arguments.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Train on this fraction of the training split (a fixed random subset).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Expert folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing model folder.")
+@click.option("--quiet", is_flag=True)
+def train_expert(dataset, data, sigma, arch, arch_args, epochs, batch, lr, weight_decay, fraction, seed, threads, out,
+                 force, quiet):
+    """Train an expert with Gaussian data augmentation at --sigma (Cohen et al.'s recipe).
+
+    Checkpoints every epoch to OUT/checkpoint.pt; re-running the same command resumes.
+    """
+    from experts.training import train_expert as run_training
+
+    if sigma <= 0:
+        raise click.BadParameter(f"must be > 0, got {sigma}", param_hint="--sigma")
+    try:
+        parsed_args = json.loads(arch_args)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--arch-args") from None
+    command = "dualrs-route " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = run_training(dataset=dataset, data=data, sigma=sigma, arch=arch, arch_args=parsed_args, epochs=epochs,
+                        batch=batch, lr=lr, weight_decay=weight_decay, fraction=fraction, seed=seed, threads=threads,
+                        out=out, overwrite=force, command=command, log=None if quiet else click.echo)
+    click.echo(f"wrote {path}")
+
+
+# Commands that live in other modules: (module, attribute).
+_PLUGIN_COMMANDS: list[tuple[str, str]] = []
+for _module, _attr in _PLUGIN_COMMANDS:
+    main.add_command(getattr(importlib.import_module(_module), _attr))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

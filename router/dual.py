@@ -1,0 +1,162 @@
+"""Dual randomized smoothing in routing form (Sun, Mao and Vechev, ICLR 2026).
+
+A *router* is a smoothed classifier, with its own noise sigma_e, whose K classes are
+K expert RS classifiers. For one input x:
+
+1. Router stage: Cohen's CERTIFY on the router (sigma_e, budget N0_r/N_r, failure
+   probability beta) selects expert k with radius R_sigma, or abstains.
+2. Expert stage: Cohen's CERTIFY on expert k (sigma_k, budget N0/N, failure
+   probability alpha) gives class c with radius R_c, or abstains.
+3. Result: class c with radius min(R_sigma, R_c). With probability at least
+   1 - alpha - beta (union bound; Theorem 4.2 of the paper) the routed smoothed
+   classifier x' -> g_{k(x')}(x') predicts c on the whole L2 ball of that radius.
+   Either stage abstaining means the result abstains.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from experts.errors import IncompatibleModelsError
+from experts.folders import ModelFolder, load_folder, make_counter
+from experts.noise import Stage
+from experts.smoothing import SmoothedClassifier
+from experts.stats import ABSTAIN, Certificate, check_alpha, top_two, predict_pvalue
+from experts.noise import NoiseKey
+
+
+@dataclass(frozen=True)
+class RoutedCertificate:
+    """Outcome of dual certification: the final class and radius, and both stages' certificates.
+
+    ``expert`` is the routed expert's index, or ABSTAIN when the router abstained
+    (then ``expert_certificate`` is None).
+    """
+
+    prediction: int
+    radius: float
+    expert: int
+    router_certificate: Certificate | None
+    expert_certificate: Certificate | None
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction == ABSTAIN
+
+
+def split_alpha(total_alpha: float, alpha_router: float | None = None) -> tuple[float, float]:
+    """Split the total failure probability into (alpha for the expert, beta for the router).
+
+    Even split unless ``alpha_router`` (beta) is given; then the expert gets the rest.
+    """
+    total = check_alpha(total_alpha, "alpha")
+    if alpha_router is None:
+        return total / 2.0, total / 2.0
+    beta = check_alpha(alpha_router, "alpha-router")
+    if beta >= total:
+        raise ValueError(f"--alpha-router ({beta}) must be smaller than the total --alpha ({total})")
+    return total - beta, beta
+
+
+def router_smoothed(counter, sigma: float) -> SmoothedClassifier:
+    """A smoothed classifier over the router's counter, with the router's own noise streams."""
+    return SmoothedClassifier(counter, sigma, select_stage=Stage.ROUTER_SELECT,
+                              estimate_stage=Stage.ROUTER_ESTIMATE, predict_stage=Stage.ROUTER_PREDICT)
+
+
+class DualCertifier:
+    """Routes each input with a smoothed router, then certifies it with the chosen smoothed expert."""
+
+    def __init__(self, router: SmoothedClassifier, experts: Sequence[SmoothedClassifier]):
+        if router.num_classes != len(experts):
+            raise IncompatibleModelsError(f"the router has {router.num_classes} outputs but {len(experts)} experts were given")
+        self.router = router
+        self.experts = list(experts)
+
+    def certify(self, x: np.ndarray, *, n0: int, n: int, alpha: float, router_n0: int, router_n: int, beta: float,
+                seed: int = 0, index: int = 0) -> RoutedCertificate:
+        """Dual CERTIFY of one input; valid with probability >= 1 - alpha - beta."""
+        routed = self.router.certify(x, n0=router_n0, n=router_n, alpha=beta, seed=seed, index=index)
+        if routed.abstained:
+            return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None)
+        expert = routed.prediction
+        result = self.experts[expert].certify(x, n0=n0, n=n, alpha=alpha, seed=seed, index=index)
+        if result.abstained:
+            return RoutedCertificate(ABSTAIN, 0.0, expert, routed, result)
+        return RoutedCertificate(result.prediction, min(routed.radius, result.radius), expert, routed, result)
+
+    def predict(self, x: np.ndarray, *, n: int, alpha: float, router_n: int, beta: float, seed: int = 0,
+                index: int = 0) -> tuple[int, int]:
+        """Dual PREDICT: route with PREDICT at level beta, then PREDICT with the expert at level alpha.
+
+        Returns (prediction, expert); both ABSTAIN-able. With probability >= 1 - alpha - beta a
+        non-abstaining prediction is the routed smoothed classifier's class at x.
+        """
+        expert, _ = self.router.predict(x, n=router_n, alpha=beta, seed=seed, index=index)
+        if expert == ABSTAIN:
+            return ABSTAIN, ABSTAIN
+        prediction, _ = self.experts[expert].predict(x, n=n, alpha=alpha, seed=seed, index=index)
+        return prediction, expert
+
+
+def check_expert_set(experts: Sequence[ModelFolder], router: ModelFolder | None = None) -> list[str]:
+    """Refuse sets that cannot be routed; return warnings (sigma_e below the largest expert sigma).
+
+    Every expert must be of kind expert with the same num_classes and input_shape, the
+    router's input_shape must match theirs and it must have one output per expert.
+    """
+    if not experts:
+        raise IncompatibleModelsError("no experts given")
+    for folder in experts:
+        if folder.config.kind != "expert":
+            raise IncompatibleModelsError(f"{folder.reference} is a {folder.config.kind}, not an expert")
+    first = experts[0].config
+    for folder in experts[1:]:
+        cfg = folder.config
+        if cfg.num_classes != first.num_classes:
+            raise IncompatibleModelsError(
+                f"experts disagree on num_classes: {experts[0].reference} has {first.num_classes}, "
+                f"{folder.reference} has {cfg.num_classes}; all experts must classify the same classes")
+        if cfg.input_shape != first.input_shape:
+            raise IncompatibleModelsError(
+                f"experts disagree on input_shape: {experts[0].reference} has {list(first.input_shape)}, "
+                f"{folder.reference} has {list(cfg.input_shape)}")
+    notes = []
+    if router is not None:
+        rcfg = router.config
+        if rcfg.kind != "router":
+            raise IncompatibleModelsError(f"{router.reference} is a {rcfg.kind}, not a router")
+        if rcfg.num_classes != len(experts):
+            raise IncompatibleModelsError(f"{router.reference} has {rcfg.num_classes} outputs but routes to "
+                                          f"{len(experts)} experts")
+        if rcfg.input_shape != first.input_shape:
+            raise IncompatibleModelsError(f"{router.reference} takes input_shape {list(rcfg.input_shape)} but its "
+                                          f"experts take {list(first.input_shape)}")
+        largest = max(f.config.sigma for f in experts)
+        if rcfg.sigma < largest:
+            notes.append(f"router sigma_e = {rcfg.sigma} is smaller than the largest expert sigma ({largest}); "
+                         "Dual RS asks for sigma_e >= max sigma_k, or the router stage caps the radius")
+    return notes
+
+
+def load_router_set(reference: str, **_) -> tuple[ModelFolder, list[ModelFolder]]:
+    """Load a router folder and every expert it lists (relative paths from the router's folder).
+
+    Validates the whole set before returning; warnings are emitted with :mod:`warnings`.
+    """
+    router = load_folder(reference, expected_kind="router")
+    experts = [load_folder(ref, base_dir=router.path, expected_kind="expert") for ref in router.config.experts]
+    for note in check_expert_set(experts, router):
+        warnings.warn(note, stacklevel=2)
+    return router, experts
+
+
+def build_smoothed(folder: ModelFolder, *, router: bool = False, **engine_options) -> SmoothedClassifier:
+    counter = make_counter(folder, **engine_options)
+    if router:
+        return router_smoothed(counter, folder.config.sigma)
+    return SmoothedClassifier(counter, folder.config.sigma)

@@ -1,0 +1,246 @@
+"""Certification runs over a dataset: plan, validate everything, then stream rows to disk.
+
+This is the library API behind ``dualrs-route certify`` and ``predict``. Nothing is
+written before every model, option and selected image has been validated.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from experts.data import Dataset, check_images, select_indices
+from experts.errors import DualRSError, IncompatibleModelsError
+from experts.folders import ModelFolder, load_folder
+from experts.smoothing import SmoothedClassifier
+from experts.stats import ABSTAIN, check_alpha, check_count, check_sigma
+
+from .dual import DualCertifier, build_smoothed, check_expert_set, load_router_set, split_alpha
+from .results import COLUMNS, ResultsWriter
+
+MODES = ("single", "router", "best-radius")
+PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "expert")
+
+
+@dataclass
+class RunPlan:
+    """Everything a run needs, validated. Build it with :func:`plan_run`."""
+
+    mode: str
+    experts: list[ModelFolder]
+    router: ModelFolder | None
+    n0: int
+    n: int
+    alpha: float
+    beta: float
+    router_n0: int
+    router_n: int
+    seed: int
+    engine: str
+    precision: str
+    device: str
+    batch: int
+    sigma_override: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def settings(self, dataset: Dataset, data: str | None, indices_desc: dict, command: str) -> dict:
+        """What must match for a resumed run (batch size and threads deliberately excluded)."""
+        models = [f.provenance() for f in ([self.router] if self.router else []) + self.experts]
+        return {
+            "command": command, "mode": self.mode, "dataset": dataset.name, "data": data, "split": dataset.split,
+            **indices_desc, "N0": self.n0, "N": self.n, "alpha_expert": self.alpha,
+            "alpha_router": self.beta if self.mode == "router" else None,
+            "router_N0": self.router_n0 if self.mode == "router" else None,
+            "router_N": self.router_n if self.mode == "router" else None,
+            "seed": self.seed, "engine": self.engine, "precision": self.precision,
+            "device_type": self.device.split(":")[0], "sigma_override": self.sigma_override,
+            "models": [{"reference": m["reference"], "sha256": m["sha256"], "revision": m["revision"]} for m in models],
+        }
+
+
+def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: str | None = None, n0: int = 100,
+             n: int = 100_000, alpha: float = 0.001, alpha_router: float | None = None, router_n0: int | None = None,
+             router_n: int | None = None, seed: int = 0, engine: str = "auto", precision: str = "fp32",
+             device: str = "cpu", batch: int = 400, sigma: float | None = None) -> RunPlan:
+    """Validate options and load every model folder (no network weights yet, no output)."""
+    n0 = check_count(n0, "--N0")
+    n = check_count(n, "--N")
+    check_alpha(alpha, "--alpha")
+    check_count(batch, "--batch")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    if sigma is not None:
+        sigma = check_sigma(sigma, "--sigma")
+    if router and experts:
+        raise IncompatibleModelsError("pass either --router (which lists its experts) or --expert, not both")
+    if router:
+        if select not in (None, "router"):
+            raise IncompatibleModelsError("--select best-radius takes --expert options, not --router")
+        if sigma is not None:
+            raise IncompatibleModelsError("--sigma overrides a single expert's noise; it cannot be used with --router")
+        router_folder, expert_folders = _load_router_quietly(router)
+        notes = check_expert_set(expert_folders, router_folder)
+        a, b = split_alpha(alpha, alpha_router)
+        rn0 = check_count(router_n0 if router_n0 is not None else n0, "--router-N0")
+        rn = check_count(router_n if router_n is not None else n, "--router-N")
+        return RunPlan("router", expert_folders, router_folder, n0, n, a, b, rn0, rn, seed, engine, precision, device,
+                       batch, None, notes)
+    if not experts:
+        raise IncompatibleModelsError("nothing to certify: pass --router REF or --expert REF")
+    if alpha_router is not None or router_n0 is not None or router_n is not None:
+        raise IncompatibleModelsError("--alpha-router, --router-N0 and --router-N apply only with --router")
+    folders = [load_folder(ref, expected_kind="expert") for ref in experts]
+    check_expert_set(folders)
+    if len(folders) > 1 and select != "best-radius":
+        raise IncompatibleModelsError("several --expert options need --select best-radius (an oracle for analysis), "
+                                      "or use --router to route between them")
+    if select == "best-radius" and len(folders) < 2:
+        raise IncompatibleModelsError("--select best-radius needs at least two --expert options")
+    if sigma is not None and len(folders) > 1:
+        raise IncompatibleModelsError("--sigma overrides one expert's noise; pass a single --expert")
+    mode = "best-radius" if select == "best-radius" else "single"
+    return RunPlan(mode, folders, None, n0, n, alpha, 0.0, 0, 0, seed, engine, precision, device, batch, sigma, [])
+
+
+def _load_router_quietly(reference: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_router_set(reference)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for module in ("dualrs_route_version", "numpy", "scipy", "torch", "onnxruntime", "huggingface_hub", "safetensors"):
+        if module == "dualrs_route_version":
+            try:
+                from importlib.metadata import version
+
+                out["dualrs-route"] = version("dualrs-route")
+            except Exception:  # not installed as a distribution (running from a checkout)
+                out["dualrs-route"] = "checkout"
+            continue
+        mod = sys.modules.get(module)
+        if mod is None:
+            try:
+                mod = __import__(module)
+            except ImportError:
+                continue
+        out[module] = getattr(mod, "__version__", "?")
+    return out
+
+
+class Runner:
+    """Holds the built smoothed classifiers of a plan and certifies examples one at a time."""
+
+    def __init__(self, plan: RunPlan):
+        self.plan = plan
+        options = dict(engine=plan.engine, device=plan.device, batch_size=plan.batch, precision=plan.precision)
+        self.experts: list[SmoothedClassifier] = [build_smoothed(f, **options) for f in plan.experts]
+        if plan.sigma_override is not None:
+            self.experts[0].sigma = plan.sigma_override
+        self.dual = None
+        if plan.router is not None:
+            self.dual = DualCertifier(build_smoothed(plan.router, router=True, **options), self.experts)
+        self.engines = sorted({e.counter.engine for e in self.experts})
+
+    def expert_label(self, k: int) -> str:
+        return "-1:-" if k == ABSTAIN else f"{k}:{self.plan.experts[k].name}"
+
+    def certify_row(self, x: np.ndarray, label: int, index: int) -> dict:
+        plan = self.plan
+        start = time.perf_counter()
+        row = {"idx": index, "label": label, "radius_router": None, "p_router_lower": None, "n_router": None}
+        if plan.mode == "router":
+            result = self.dual.certify(x, n0=plan.n0, n=plan.n, alpha=plan.alpha, router_n0=plan.router_n0,
+                                       router_n=plan.router_n, beta=plan.beta, seed=plan.seed, index=index)
+            rc, ec = result.router_certificate, result.expert_certificate
+            row.update(predict=result.prediction, radius=result.radius, expert=self.expert_label(result.expert),
+                       radius_router=rc.radius, p_router_lower=rc.p_lower, n_router=rc.count,
+                       sigma=self.experts[result.expert].sigma if ec else None,
+                       radius_expert=ec.radius if ec else None, p_expert_lower=ec.p_lower if ec else None,
+                       n_expert=ec.count if ec else None)
+        else:
+            certs = [e.certify(x, n0=plan.n0, n=plan.n, alpha=plan.alpha, seed=plan.seed, index=index)
+                     for e in self.experts]
+            best = 0
+            if plan.mode == "best-radius":  # oracle: uses the label
+                scores = [c.radius if c.prediction == label else -1.0 for c in certs]
+                best = int(np.argmax(scores))
+            c = certs[best]
+            row.update(predict=c.prediction, radius=c.radius, expert=self.expert_label(best),
+                       sigma=self.experts[best].sigma, radius_expert=c.radius, p_expert_lower=c.p_lower,
+                       n_expert=c.count)
+        row["correct"] = int(row["predict"] == label)
+        row["time"] = time.perf_counter() - start
+        return row
+
+    def predict_row(self, x: np.ndarray, label: int, index: int) -> dict:
+        plan = self.plan
+        start = time.perf_counter()
+        if plan.mode == "router":
+            prediction, expert = self.dual.predict(x, n=plan.n, alpha=plan.alpha, router_n=plan.router_n,
+                                                   beta=plan.beta, seed=plan.seed, index=index)
+        elif plan.mode == "single":
+            prediction, _ = self.experts[0].predict(x, n=plan.n, alpha=plan.alpha, seed=plan.seed, index=index)
+            expert = 0
+        else:
+            raise IncompatibleModelsError("predict supports --router or a single --expert")
+        return {"idx": index, "label": label, "predict": prediction, "correct": int(prediction == label),
+                "time": time.perf_counter() - start, "expert": self.expert_label(expert)}
+
+
+def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_path, data: str | None,
+            command: str, task: str = "certify", progress: Callable | None = None) -> ResultsWriter:
+    """Validate the data against the plan, build the engines, then certify (or predict) every selected example.
+
+    Rows go to ``out_path`` one flushed line at a time; an existing file with the same
+    settings is resumed. ``progress(iterable, length)`` may wrap the loop in a progress bar.
+    """
+    indices = select_indices(len(dataset), skip, max_index)
+    check_images(dataset, indices, plan.experts[0].config.input_shape)
+    bad_labels = [i for i in indices if not (0 <= dataset.labels[i] < plan.experts[0].config.num_classes)]
+    if bad_labels:
+        raise DualRSError(f"example {bad_labels[0]} has label {dataset.labels[bad_labels[0]]}, outside the experts' "
+                          f"{plan.experts[0].config.num_classes} classes")
+    runner = Runner(plan)  # loads weights: corrupt or mismatched files fail here, before any output
+    settings = plan.settings(dataset, data, {"skip": skip, "max": max_index}, task)
+    settings["engines"] = runner.engines
+    metadata = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": command, "versions": versions(),
+                "models": [f.provenance() for f in ([plan.router] if plan.router else []) + plan.experts],
+                "certificate": plan.mode != "best-radius",
+                "guarantee": _guarantee(plan, task), "notes": plan.notes}
+    columns = COLUMNS if task == "certify" else PREDICT_COLUMNS
+    writer = ResultsWriter(out_path, settings=settings, metadata=metadata, columns=columns)
+    todo = [i for i in indices if i not in writer.done]
+    started = time.perf_counter()
+    row_fn = runner.certify_row if task == "certify" else runner.predict_row
+    iterator = progress(todo, len(todo)) if progress else todo
+    try:
+        for i in iterator:
+            writer.write(row_fn(dataset.image(i), int(dataset.labels[i]), i))
+    finally:
+        writer.close(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=len(writer.done) >= len(indices),
+                     last_session_seconds=round(time.perf_counter() - started, 3))
+    return writer
+
+
+def _guarantee(plan: RunPlan, task: str) -> str:
+    if plan.mode == "best-radius":
+        return "NOT a certificate: the expert is chosen per example with the true label (oracle, for analysis only)"
+    if plan.mode == "router":
+        total = plan.alpha + plan.beta
+        what = "certified radius" if task == "certify" else "prediction"
+        return (f"each non-abstaining {what} holds with probability >= {1 - total:g} "
+                f"(router beta = {plan.beta:g} + expert alpha = {plan.alpha:g}, union bound)")
+    return f"each non-abstaining result holds with probability >= {1 - plan.alpha:g} (Cohen et al. 2019)"
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
