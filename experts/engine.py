@@ -95,6 +95,7 @@ def resolve_device(device: str):
 class TorchCounter:
     """:class:`NoisyCounter` over a torch module.
 
+    The engine takes ownership of ``model`` (it is moved, cast and converted in place).
     ``model`` maps float32 [B, *input_shape] pixels in [0, 1] to logits [B, num_classes]
     (normalisation inside). ``precision`` is the dtype the network runs in; the noise
     is always drawn and added in float32 and then cast. Certificates are valid for

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK = 64
-"""Samples per independently seeded noise block."""
+BLOCK = 50
+"""Samples per independently seeded noise block. N0 = 100, N = 1e3..1e5 and batch sizes
+of 100-400 are multiples of it, so no block is drawn twice."""
 
 
 class Stage(enum.IntEnum):

@@ -310,7 +310,13 @@ def train_expert(dataset, data, sigma, arch, arch_args, epochs, batch, lr, weigh
 
 
 # Commands that live in other modules: (module, attribute).
-_PLUGIN_COMMANDS: list[tuple[str, str]] = []
+_PLUGIN_COMMANDS: list[tuple[str, str]] = [
+    ("router.training_cli", "labels_command"),
+    ("router.training_cli", "train_router_command"),
+    ("router.training_cli", "router_report_command"),
+    ("export.cli", "export_command"),
+    ("export.cli", "bench_command"),
+]
 for _module, _attr in _PLUGIN_COMMANDS:
     main.add_command(getattr(importlib.import_module(_module), _attr))
 

@@ -1,0 +1,317 @@
+"""Latency and throughput of the noisy-counting engines: the library behind ``dualrs-route bench``.
+
+Units: throughput in noisy samples per second (one sample = one forward pass of one
+noisy image); latency in seconds. Every figure is the median over ``repeats`` timed
+runs after ``warmup`` untimed ones. The engines are measured round-robin (repeat 1 of
+every engine, then repeat 2, ...), so a change in background load hits all of them
+alike and the ratios stay meaningful on a shared machine.
+
+The FLOP-bound limit of a network is ``peak / flops``: ``peak`` is this machine's
+measured fp32 matmul rate (a 2048 x 2048 matmul, median) and ``flops`` the network's
+counted floating-point operations per sample (:func:`experts.architectures.count_flops`,
+2 per multiply-add). An engine's *fraction of the bound* is its throughput divided by
+that limit. For reduced precisions the fraction is still against the fp32 bound, so it
+can exceed 1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from experts.errors import DualRSError
+from experts.noise import NoiseKey, Stage
+
+VALID_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32", "int8", "fp16"),
+                    "tensorrt": ("fp32", "fp16")}
+
+
+def median_seconds(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> tuple[float, list[float]]:
+    """(median, all timings) in seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def round_robin(tasks: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5) -> dict[str, list[float]]:
+    """Time every task ``repeats`` times, interleaved (all tasks' repeat 1, then repeat 2, ...); seconds per run."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    for fn in tasks.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in tasks}
+    for _ in range(repeats):
+        for name, fn in tasks.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak(*, size: int = 2048, seconds: float = 3.0, threads: int | None = None) -> dict:
+    """This machine's fp32 matmul rate: median GFLOP/s of ``size`` x ``size`` products (2 size^3 FLOP each).
+
+    Runs for about ``seconds`` (at least 5 products). Uses torch when importable, else numpy.
+    """
+    try:
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        out = torch.empty(size, size)
+
+        def product():
+            torch.mm(a, b, out=out)
+
+        backend = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError:
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((size, size), dtype=np.float32), rng.standard_normal((size, size), dtype=np.float32)
+        out = np.empty((size, size), dtype=np.float32)
+
+        def product():
+            np.matmul(a, b, out=out)
+
+        backend = "numpy"
+    product()
+    times = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 5 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        product()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"gflops": 2.0 * size ** 3 / median / 1e9, "median_s": median, "products": len(times), "size": size,
+            "backend": backend}
+
+
+def naive_cohen_counts(model, x, sigma: float, n: int, batch_size: int, num_classes: int) -> np.ndarray:
+    """The baseline: Cohen et al.'s ``Smooth._sample_noise`` loop, fp32 eager torch.
+
+    ``x`` float32 torch [C, H, W]; repeats it ``batch_size`` times, adds
+    ``randn_like * sigma``, runs the model under ``no_grad`` and counts argmaxes in
+    a Python loop. Returns int64 [num_classes]. For timing only (noise is unkeyed).
+    """
+    import torch
+
+    counts = np.zeros(num_classes, dtype=np.int64)
+    remaining = n
+    with torch.no_grad():
+        while remaining > 0:
+            this = min(batch_size, remaining)
+            remaining -= this
+            batch = x.repeat((this, 1, 1, 1))
+            noise = torch.randn_like(batch) * sigma
+            predictions = model(batch + noise).argmax(1)
+            for p in predictions.cpu().numpy():
+                counts[p] += 1
+    return counts
+
+
+@dataclass
+class BenchRow:
+    """One measured configuration. Throughput in samples/s; times in seconds; None where not measured."""
+
+    model: str
+    role: str
+    engine: str
+    precision: str
+    batch: int
+    samples_per_s: float | None = None
+    bound_fraction: float | None = None
+    certify_s: float | None = None
+    dual_certify_s: float | None = None
+    dual_overhead: float | None = None
+    timings_s: list = field(default_factory=list)
+    skipped: str | None = None
+
+
+def _combinations(engines: Sequence[str], precisions: Sequence[str]) -> list[tuple[str, str]]:
+    out = []
+    for engine in engines:
+        if engine not in VALID_PRECISIONS:
+            raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(VALID_PRECISIONS)}")
+        for precision in precisions:
+            if precision in VALID_PRECISIONS[engine]:
+                out.append((engine, precision))
+    if not out:
+        raise ValueError(f"no valid engine/precision pair among engines {list(engines)} and precisions "
+                         f"{list(precisions)}; valid: {VALID_PRECISIONS}")
+    return out
+
+
+def run_bench(reference: str, *, engines: Sequence[str] = ("torch", "onnxruntime"),
+              precisions: Sequence[str] = ("fp32",), batch_sizes: Sequence[int] = (400,), samples: int = 2000,
+              n0: int = 100, n: int = 10_000, alpha: float = 0.001, repeats: int = 3, warmup: int = 1,
+              threads: int | None = None, device: str = "cpu", peak_seconds: float = 3.0, seed: int = 0,
+              image: np.ndarray | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Benchmark an expert or router folder per engine, precision and batch size.
+
+    For every model (a router and each of its experts, or one expert): noisy samples/s
+    on ``samples`` samples of one image, and its fraction of the fp32 FLOP bound. For
+    the expert(s): seconds per certified image (CERTIFY with ``n0`` + ``n`` samples).
+    For a router: seconds per dual certification and its overhead over certifying with
+    the routed expert alone (``dual / single - 1``). Configurations that cannot run
+    here (missing model file, engine not installed) are reported as skipped with the reason.
+
+    ``image``: float32 [C, H, W] in [0, 1]; default a seeded uniform random image.
+    Returns a JSON-serialisable dict.
+    """
+    from experts.folders import load_folder, make_counter
+    from experts.smoothing import SmoothedClassifier
+
+    say = log or (lambda message: None)
+    folder = load_folder(reference)
+    is_router = folder.config.kind == "router"
+    if is_router:
+        from router.dual import DualCertifier, load_router_set, router_smoothed
+
+        router_folder, expert_folders = load_router_set(reference)
+        models = [("router", router_folder)] + [("expert", f) for f in expert_folders]
+    else:
+        models = [("expert", folder)]
+    shape = folder.config.input_shape
+    x = (np.random.default_rng(seed).random(shape, dtype=np.float32) if image is None
+         else np.asarray(image, dtype=np.float32))
+    if threads:
+        try:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        except ImportError:
+            pass
+    say("measuring the fp32 matmul peak ...")
+    peak = matmul_peak(seconds=peak_seconds, threads=threads)
+    flops = {}
+    for role, f in models:
+        flops[f.name] = _count_flops(f)
+    combos = _combinations(engines, precisions)
+    rows: list[BenchRow] = []
+    counters = {}
+    for engine, precision in combos:
+        for batch in batch_sizes:
+            for role, f in models:
+                row = BenchRow(model=f.name, role=role, engine=engine, precision=precision, batch=int(batch))
+                options = {"threads": threads} if engine == "onnxruntime" and threads else {}
+                try:
+                    counters[(f.name, engine, precision, batch)] = make_counter(
+                        f, engine=engine, device=device, batch_size=int(batch), precision=precision, **options)
+                except (DualRSError, ValueError) as exc:
+                    row.skipped = " ".join(str(exc).split())
+                rows.append(row)
+    tasks = {}
+    key = NoiseKey(seed, 0, Stage.EXPERT_ESTIMATE)
+    for row in rows:
+        if row.skipped is None:
+            counter = counters[(row.model, row.engine, row.precision, row.batch)]
+            sigma = next(f.config.sigma for _, f in models if f.name == row.model)
+            tasks[id(row)] = (lambda c=counter, s=sigma: c.counts(x, s, samples, key=key))
+    say(f"throughput: {len(tasks)} configurations x {repeats} repeats of {samples} samples ...")
+    times = round_robin(tasks, warmup=warmup, repeats=repeats)
+    for row in rows:
+        if id(row) in times:
+            row.timings_s = [round(t, 6) for t in times[id(row)]]
+            row.samples_per_s = samples / statistics.median(times[id(row)])
+            if flops.get(row.model):
+                row.bound_fraction = row.samples_per_s / (peak["gflops"] * 1e9 / flops[row.model])
+    say(f"certification at N0={n0}, N={n} ...")
+    cert_tasks = {}
+    for engine, precision in combos:
+        for batch in batch_sizes:
+            group = [r for r in rows if r.engine == engine and r.precision == precision and r.batch == batch]
+            if any(r.skipped for r in group):
+                continue
+            expert_counters = [counters[(f.name, engine, precision, batch)] for role, f in models if role == "expert"]
+            experts = [SmoothedClassifier(c, f.config.sigma)
+                       for c, (_, f) in zip(expert_counters, [m for m in models if m[0] == "expert"])]
+            if is_router:
+                router = router_smoothed(counters[(models[0][1].name, engine, precision, batch)],
+                                         models[0][1].config.sigma)
+                dual = DualCertifier(router, experts)
+                routed = dual.certify(x, n0=n0, n=n0, alpha=alpha / 2, router_n0=n0, router_n=n, beta=alpha / 2,
+                                      seed=seed).expert
+                chosen = routed if routed >= 0 else 0
+                target = next(r for r in group if r.role == "expert" and r.model == models[1 + chosen][1].name)
+                cert_tasks[(id(target), "single")] = (lambda e=experts[chosen]: e.certify(
+                    x, n0=n0, n=n, alpha=alpha / 2, seed=seed))
+                cert_tasks[(id(target), "dual")] = (lambda d=dual: d.certify(
+                    x, n0=n0, n=n, alpha=alpha / 2, router_n0=n0, router_n=n, beta=alpha / 2, seed=seed))
+            else:
+                target = group[0]
+                cert_tasks[(id(target), "single")] = (lambda e=experts[0]: e.certify(x, n0=n0, n=n, alpha=alpha,
+                                                                                     seed=seed))
+    cert_times = round_robin(cert_tasks, warmup=0, repeats=repeats) if cert_tasks else {}
+    for row in rows:
+        if (id(row), "single") in cert_times:
+            row.certify_s = statistics.median(cert_times[(id(row), "single")])
+        if (id(row), "dual") in cert_times:
+            row.dual_certify_s = statistics.median(cert_times[(id(row), "dual")])
+            row.dual_overhead = row.dual_certify_s / row.certify_s - 1.0
+    return {
+        "reference": reference, "kind": folder.config.kind, "device": device, "threads": threads,
+        "samples": samples, "N0": n0, "N": n, "repeats": repeats, "warmup": warmup, "seed": seed,
+        "peak": peak, "flops_per_sample": flops,
+        "flop_bound_samples_per_s": {k: (peak["gflops"] * 1e9 / v if v else None) for k, v in flops.items()},
+        "rows": [asdict(r) for r in rows], "versions": _versions(),
+    }
+
+
+def _count_flops(folder) -> int | None:
+    """Counted FLOPs per sample of the folder's torch network, or None without torch weights or torch."""
+    if not folder.has_torch_weights:
+        return None
+    try:
+        from experts.architectures import count_flops
+    except ImportError:
+        return None
+    return count_flops(folder.load_torch_model(), folder.config.input_shape)
+
+
+def _versions() -> dict:
+    import platform
+
+    out = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
+    for name in ("numpy", "torch", "onnxruntime"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def format_table(result: dict) -> str:
+    """A Markdown table of :func:`run_bench`'s result."""
+    peak = result["peak"]
+    lines = [f"{result['reference']} ({result['kind']}) on {result['device']}, threads={result['threads']}; "
+             f"fp32 matmul peak {peak['gflops']:.1f} GFLOP/s ({peak['backend']}); medians of {result['repeats']}",
+             "",
+             "| model | engine | precision | batch | samples/s | % of fp32 FLOP bound | s / certified image "
+             f"(N={result['N']}) | dual s / image | dual overhead |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(value, spec, scale=1.0):
+        return "-" if value is None else format(value * scale, spec)
+
+    for r in result["rows"]:
+        if r["skipped"]:
+            lines.append(f"| {r['model']} | {r['engine']} | {r['precision']} | {r['batch']} | skipped: "
+                         f"{r['skipped'][:120]} | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['engine']} | {r['precision']} | {r['batch']} | "
+                     f"{fmt(r['samples_per_s'], ',.0f')} | {fmt(r['bound_fraction'], '.0f', 100)} | "
+                     f"{fmt(r['certify_s'], '.3f')} | {fmt(r['dual_certify_s'], '.3f')} | "
+                     f"{fmt(r['dual_overhead'], '+.0%')} |")
+    return "\n".join(lines)

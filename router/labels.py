@@ -1,0 +1,365 @@
+"""Router labels: every expert's cheaply certified radius on every training image (Dual RS, routing form).
+
+For each selected image x (with true label y) and each expert k (noise sigma_k) this runs
+Cohen's CERTIFY with a small budget (default N0 = 10 selection and N = 100 estimation
+samples, alpha = 0.001) and records
+
+* ``predictions[i, k]``: the certified class, or -1 (ABSTAIN);
+* ``radii[i, k]``: the certified L2 radius in pixel units, **0 when expert k abstains
+  or certifies a class other than y** (the label rule of Sun, Mao and Vechev 2026);
+* ``p_lower[i, k]``: the one-sided Clopper-Pearson lower bound on the top-class probability.
+
+The best expert of an image is ``argmax_k radii[i, k]`` (ties: lowest k); images whose
+radius is 0 for every expert carry no routing signal and are dropped by the trainer.
+
+Labels are training targets, not certificates, so no union bound is spent across
+experts: each expert is certified at ``alpha`` on its own. The default alpha = 0.001 is
+the literature's standard certification level, so a label radius is exactly what a
+(small-budget) certificate of that expert would report; with N = 100 the largest
+possible label radius is sigma_k * Phi^-1(0.001 ** (1/100)) = 1.50 sigma_k.
+
+Noise: image ``i`` (its index in the split) uses the streams
+``NoiseKey(seed, i, Stage.LABEL_SELECT)`` and ``NoiseKey(seed, i, Stage.LABEL_ESTIMATE)``;
+the selection and estimation draws are independent. All experts see the *same*
+standard-normal draws (scaled by their own sigma), i.e. common random numbers, which
+makes the comparison between experts less noisy. Results do not depend on ``batch``,
+``chunk`` or on interruptions.
+
+File format (``.npz``, loadable with ``numpy.load(path, allow_pickle=False)``):
+
+============== ===================== =====================================================
+key            dtype, shape          meaning
+============== ===================== =====================================================
+``indices``    int64 [n]             image index in the split, ascending
+``labels``     int64 [n]             true class of each image
+``radii``      float32 [n, K]        label radius per expert (0: abstain or wrong class)
+``predictions``int64 [n, K]          class certified by each expert, -1 = abstain
+``p_lower``    float64 [n, K]        Clopper-Pearson lower bound of each expert's top class
+``experts``    str [K]               expert names
+``references`` str [K]               expert references as given on the command line
+``sha256``     str [K]               sha256 of each expert's weight file
+``sigmas``     float64 [K]           each expert's noise level
+``meta``       str (0-d)             JSON: format, settings, complete, done/total, times
+============== ===================== =====================================================
+
+``n`` grows while a run is in progress; ``meta["complete"]`` is true once every
+selected image is done. The file is rewritten atomically (temporary file + rename)
+after every chunk of images, so a killed run leaves a consistent file from which
+re-running the same command continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from experts.data import Dataset, check_images
+from experts.errors import DataError, IncompatibleModelsError, ResumeMismatchError
+from experts.folders import ModelFolder
+from experts.noise import NoiseKey, Stage
+from experts.stats import ABSTAIN, certify_from_counts, check_alpha, check_count
+
+FORMAT = "dualrs-route labels v1"
+DEFAULT_N0 = 10
+DEFAULT_N = 100
+DEFAULT_ALPHA = 0.001
+DEFAULT_CHUNK = 64
+
+
+# --- the label rule (pure) ---
+
+
+def label_radii_from_counts(selection: np.ndarray, estimation: np.ndarray, labels: np.ndarray, *, sigma: float,
+                            alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cohen's CERTIFY from counts, then the label rule, for B images of one expert.
+
+    ``selection`` int [B, C] (the N0 draw) and ``estimation`` int [B, C] (the fresh N draw)
+    are class counts; ``labels`` int [B] the true classes. Returns
+    ``(predictions int64 [B], radii float32 [B], p_lower float64 [B])`` where a prediction
+    is the certified class or -1, and the radius is the certified radius when the
+    certified class equals the label, else 0 (abstain or wrong class).
+    """
+    selection = np.asarray(selection)
+    estimation = np.asarray(estimation)
+    labels = np.asarray(labels)
+    if selection.shape != estimation.shape or selection.ndim != 2 or labels.shape != selection.shape[:1]:
+        raise ValueError(f"need selection and estimation counts [B, C] and labels [B], got {selection.shape}, "
+                         f"{estimation.shape}, {labels.shape}")
+    n = int(estimation[0].sum()) if len(estimation) else 0
+    predictions = np.empty(len(labels), dtype=np.int64)
+    radii = np.zeros(len(labels), dtype=np.float32)
+    p_lower = np.zeros(len(labels), dtype=np.float64)
+    for j in range(len(labels)):
+        guess = int(np.argmax(selection[j]))  # ties: lowest class, as np.argmax
+        total = int(estimation[j].sum())
+        if total != n:
+            raise ValueError(f"every image needs the same number of estimation samples, got {total} and {n}")
+        cert = certify_from_counts(guess, int(estimation[j, guess]), total, sigma, alpha)
+        predictions[j] = cert.prediction
+        p_lower[j] = cert.p_lower
+        if cert.prediction != ABSTAIN and cert.prediction == int(labels[j]):
+            radii[j] = cert.radius
+    return predictions, radii, p_lower
+
+
+def best_expert(radii: np.ndarray) -> np.ndarray:
+    """int64 [n]: argmax_k radii[i, k], ties broken towards the lowest k."""
+    return np.argmax(np.asarray(radii), axis=1).astype(np.int64)
+
+
+def routable(radii: np.ndarray) -> np.ndarray:
+    """bool [n]: images with a positive radius for at least one expert (the others are dropped)."""
+    return np.any(np.asarray(radii) > 0, axis=1)
+
+
+# --- the file ---
+
+
+@dataclass
+class LabelSet:
+    """The contents of a labels file (see the module docstring for every array)."""
+
+    indices: np.ndarray
+    labels: np.ndarray
+    radii: np.ndarray
+    predictions: np.ndarray
+    p_lower: np.ndarray
+    experts: list[str]
+    references: list[str]
+    sha256: list[str]
+    sigmas: np.ndarray
+    meta: dict
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "indices": np.asarray(self.indices, dtype=np.int64), "labels": np.asarray(self.labels, dtype=np.int64),
+            "radii": np.asarray(self.radii, dtype=np.float32).reshape(-1, self.num_experts),
+            "predictions": np.asarray(self.predictions, dtype=np.int64).reshape(-1, self.num_experts),
+            "p_lower": np.asarray(self.p_lower, dtype=np.float64).reshape(-1, self.num_experts),
+            "experts": np.asarray(self.experts, dtype=str), "references": np.asarray(self.references, dtype=str),
+            "sha256": np.asarray(self.sha256, dtype=str), "sigmas": np.asarray(self.sigmas, dtype=np.float64),
+            "meta": np.asarray(json.dumps(self.meta, sort_keys=True, default=str)),
+        }
+
+
+def save_labels(path: str | os.PathLike, labels: LabelSet) -> None:
+    """Write ``labels`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **labels.arrays())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_labels(path: str | os.PathLike, *, require_complete: bool = False) -> LabelSet:
+    """Read a labels file; DataError if it is not one (or, with ``require_complete``, unfinished)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no labels file {path}; create it with `dualrs-route labels ... --out {path}`")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in ("indices", "labels", "radii", "predictions", "p_lower", "experts", "references",
+                                   "sha256", "sigmas", "meta") if k not in archive]
+            if missing:
+                raise DataError(f"{path}: not a dualrs-route labels file (missing {missing})")
+            data = {k: archive[k] for k in archive.files}
+        meta = json.loads(str(data["meta"]))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read labels file: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    k = len(data["experts"])
+    result = LabelSet(
+        indices=data["indices"].astype(np.int64), labels=data["labels"].astype(np.int64),
+        radii=data["radii"].astype(np.float32).reshape(-1, k), predictions=data["predictions"].astype(np.int64).reshape(-1, k),
+        p_lower=data["p_lower"].astype(np.float64).reshape(-1, k), experts=[str(e) for e in data["experts"]],
+        references=[str(r) for r in data["references"]], sha256=[str(s) for s in data["sha256"]],
+        sigmas=data["sigmas"].astype(np.float64), meta=meta,
+    )
+    if require_complete and not result.complete:
+        raise DataError(f"{path} is incomplete ({meta.get('done')} of {meta.get('total')} images); re-run the "
+                        f"labels command that wrote it to finish it (command: {meta.get('command', '?')})")
+    return result
+
+
+def weights_hash(folder: ModelFolder) -> str:
+    """The sha256 that identifies an expert's network (safetensors if present, else ONNX)."""
+    return folder.files.get("model.safetensors") or next(iter(folder.files.values()))
+
+
+def select_label_indices(length: int, *, max_images: int | None = None, fraction: float | None = None,
+                         seed: int = 0) -> np.ndarray:
+    """Images to label: all, the first ``max_images``, or a fixed random ``fraction`` (sorted).
+
+    The fraction subset is ``experts.training.training_subset(length, fraction, seed)``.
+    """
+    from experts.training import training_subset
+
+    if max_images is not None and fraction is not None:
+        raise ValueError("pass either --max or --fraction, not both")
+    if max_images is not None:
+        check_count(max_images, "--max")
+        return np.arange(min(length, int(max_images)), dtype=np.int64)
+    if fraction is not None:
+        if not (0.0 < float(fraction) <= 1.0):
+            raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+        return training_subset(length, float(fraction), seed).astype(np.int64)
+    return np.arange(length, dtype=np.int64)
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    return [f"{k}: file has {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Sequence[int], *, out: str | os.PathLike,
+                   n0: int = DEFAULT_N0, n: int = DEFAULT_N, alpha: float = DEFAULT_ALPHA, seed: int = 0,
+                   batch: int = 400, chunk: int = DEFAULT_CHUNK, engine: str = "auto", device: str = "cpu",
+                   precision: str = "fp32", data: str | None = None, selection: dict | None = None,
+                   command: str = "", progress: Callable[[int], None] | None = None,
+                   log: Callable[[str], None] | None = None, counters: Sequence | None = None) -> LabelSet:
+    """Certify every image of ``indices`` with every expert and write the labels file ``out``.
+
+    ``chunk`` images at a time go through each expert's ``counts_many`` (their noisy copies
+    share forward batches of ``batch`` samples); after each chunk the file is rewritten
+    atomically. If ``out`` exists with the same settings the run continues after its last
+    finished image (a finished file is returned as is); other settings raise
+    ResumeMismatchError. ``progress(k)`` is called with the number of images just finished.
+    ``counters`` (one :class:`~experts.engine.NoisyCounter` per expert) replaces building
+    them from the folders, for tests.
+    """
+    from router.dual import check_expert_set
+
+    log = log or (lambda message: None)
+    if len(experts) < 2:
+        raise IncompatibleModelsError(f"router labels need at least two experts (--expert, repeated), got {len(experts)}")
+    check_expert_set(list(experts))
+    n0, n = check_count(n0, "--N0"), check_count(n, "--N")
+    alpha = check_alpha(alpha, "--alpha")
+    check_count(batch, "--batch")
+    chunk = check_count(chunk, "--chunk")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        raise DataError("no images selected to label")
+    if np.any(np.diff(indices) <= 0) or indices[0] < 0 or indices[-1] >= len(dataset):
+        raise DataError(f"image indices must be ascending and within [0, {len(dataset)})")
+    cfg = experts[0].config
+    check_images(dataset, indices, cfg.input_shape)
+    bad = indices[(dataset.labels[indices] < 0) | (dataset.labels[indices] >= cfg.num_classes)]
+    if len(bad):
+        raise DataError(f"image {bad[0]} has label {dataset.labels[bad[0]]}, outside the experts' {cfg.num_classes} classes")
+    out = Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder; give a .npz file name")
+    settings = {
+        "dataset": dataset.name, "split": dataset.split, "data": data, "selection": selection or {},
+        "images": int(len(indices)),
+        "indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(),
+        "N0": n0, "N": n, "alpha": alpha, "seed": int(seed), "engine": engine, "precision": precision,
+        "device_type": str(device).split(":")[0],
+        "experts": [{"reference": f.reference, "sha256": weights_hash(f), "sigma": f.config.sigma} for f in experts],
+        "noise": "common random numbers across experts: NoiseKey(seed, index, LABEL_SELECT / LABEL_ESTIMATE)",
+        "label_rule": "radius of Cohen's CERTIFY if the certified class is the true label, else 0",
+    }
+    k_experts = len(experts)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if out.exists():
+        current = load_labels(out)
+        diffs = _diff(current.meta.get("settings", {}), json.loads(json.dumps(settings)))
+        if diffs:
+            raise ResumeMismatchError(f"{out} was written with other settings; use another --out, delete it, or repeat "
+                                      "the original options. Differences: " + "; ".join(diffs))
+        done = len(current.indices)
+        if not np.array_equal(current.indices, indices[:done]):
+            raise ResumeMismatchError(f"{out}: its finished images are not a prefix of the selection; delete it")
+        current.meta.setdefault("resumed", []).append(now)
+        if current.complete:
+            log(f"{out} is already complete ({done} images)")
+            return current
+        log(f"resuming {out} at image {done} of {len(indices)}")
+        state = current
+    else:
+        state = LabelSet(
+            indices=np.zeros(0, np.int64), labels=np.zeros(0, np.int64), radii=np.zeros((0, k_experts), np.float32),
+            predictions=np.zeros((0, k_experts), np.int64), p_lower=np.zeros((0, k_experts), np.float64),
+            experts=[f.name for f in experts], references=[f.reference for f in experts],
+            sha256=[weights_hash(f) for f in experts], sigmas=np.array([f.config.sigma for f in experts], np.float64),
+            meta={"format": FORMAT, "settings": settings, "complete": False, "done": 0, "total": int(len(indices)),
+                  "started": now, "command": command, "seconds": 0.0,
+                  "models": [f.provenance() for f in experts]},
+        )
+        done = 0
+    if counters is None:
+        from experts.folders import make_counter
+
+        counters = [make_counter(f, engine=engine, device=device, batch_size=batch, precision=precision)
+                    for f in experts]
+    sigmas = [f.config.sigma for f in experts]
+    if done == 0:
+        save_labels(out, state)  # claim the file before the long part starts
+    parts = {"indices": [state.indices], "labels": [state.labels], "radii": [state.radii],
+             "predictions": [state.predictions], "p_lower": [state.p_lower]}
+    for start in range(done, len(indices), chunk):
+        started = time.perf_counter()
+        idx = indices[start:start + chunk]
+        xs = dataset.batch(idx)
+        ys = dataset.labels[idx].astype(np.int64)
+        select_keys = [NoiseKey(int(seed), int(i), Stage.LABEL_SELECT) for i in idx]
+        estimate_keys = [NoiseKey(int(seed), int(i), Stage.LABEL_ESTIMATE) for i in idx]
+        radii = np.zeros((len(idx), k_experts), np.float32)
+        predictions = np.zeros((len(idx), k_experts), np.int64)
+        p_lower = np.zeros((len(idx), k_experts), np.float64)
+        for k, counter in enumerate(counters):
+            sel = counter.counts_many(xs, sigmas[k], n0, keys=select_keys)
+            est = counter.counts_many(xs, sigmas[k], n, keys=estimate_keys)
+            predictions[:, k], radii[:, k], p_lower[:, k] = label_radii_from_counts(sel, est, ys, sigma=sigmas[k],
+                                                                                    alpha=alpha)
+        for key, value in (("indices", idx), ("labels", ys), ("radii", radii), ("predictions", predictions),
+                           ("p_lower", p_lower)):
+            parts[key].append(value)
+        for key, value in parts.items():
+            merged = np.concatenate(value)
+            parts[key] = [merged]
+            setattr(state, key, merged)
+        state.meta.update(done=int(len(state.indices)), complete=bool(len(state.indices) == len(indices)),
+                          updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                          seconds=round(float(state.meta.get("seconds", 0.0)) + time.perf_counter() - started, 3))
+        save_labels(out, state)
+        if progress:
+            progress(len(idx))
+    return state
+
+
+def label_summary(labels: LabelSet) -> dict:
+    """Per-expert and overall statistics of a labels file (for logs and the training record)."""
+    radii = labels.radii
+    keep = routable(radii)
+    best = best_expert(radii[keep]) if keep.any() else np.zeros(0, np.int64)
+    k = labels.num_experts
+    return {
+        "images": int(len(radii)), "routable": int(keep.sum()), "dropped_all_zero": int((~keep).sum()),
+        "best_expert_share": {labels.experts[j]: round(float(np.mean(best == j)), 4) if len(best) else 0.0
+                              for j in range(k)},
+        "mean_radius": {labels.experts[j]: round(float(radii[:, j].mean()), 4) if len(radii) else 0.0 for j in range(k)},
+        "oracle_mean_radius": round(float(radii.max(axis=1).mean()), 4) if len(radii) else 0.0,
+    }

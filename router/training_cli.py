@@ -1,0 +1,191 @@
+"""CLI commands of the training side: ``labels``, ``train-router`` and ``router-report``.
+
+Registered in :mod:`router.cli` through ``_PLUGIN_COMMANDS``; the group turns library
+errors (DualRSError) into one-line messages with exit code 1 and bad values into exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+
+import click
+
+from experts.folders import ENGINES
+
+from .labels import DEFAULT_ALPHA, DEFAULT_CHUNK, DEFAULT_N, DEFAULT_N0
+
+
+def _command_line() -> str:
+    return "dualrs-route " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _positive_float(name: str, value: float | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise click.BadParameter(f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}",
+                                 param_hint=name)
+
+
+@click.command("labels")
+@click.option("--expert", "experts", multiple=True, required=True, metavar="REF",
+              help="Expert folder, hf://org/repo[@rev] or builtin:NAME; repeat for each of the K >= 2 experts, in "
+                   "router-class order.")
+@click.option("--dataset", default="digits", show_default=True, help="digits, cifar10 (with --data) or npz:PATH.")
+@click.option("--data", default=None, metavar="PATH", help="Data location for --dataset cifar10.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--N0", "n0", type=click.IntRange(min=1), default=DEFAULT_N0, show_default=True,
+              help="Selection samples per image and expert.")
+@click.option("--N", "n", type=click.IntRange(min=1), default=DEFAULT_N, show_default=True,
+              help="Estimation samples per image and expert (the paper uses 100 for labels).")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_ALPHA,
+              show_default=True, help="Failure probability of each expert's label certificate.")
+@click.option("--max", "max_images", type=click.IntRange(min=1), default=None,
+              help="Label only the first MAX images of the split.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Label a fixed random fraction of the split (chosen with --seed); the paper: 0.2 loses little.")
+@click.option("--batch", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Noisy samples per forward pass (does not change results).")
+@click.option("--chunk", type=click.IntRange(min=1), default=DEFAULT_CHUNK, show_default=True,
+              help="Images packed together per expert call and per checkpoint (does not change results).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Labels file (.npz) to write or resume.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, fraction, batch, chunk, seed, device,
+                   engine, precision, threads, out, quiet):
+    """Router labels: certify every image with every expert on a cheap budget.
+
+    For each image and expert k: Cohen's CERTIFY with N0/N samples gives R_k, set to 0 when the
+    expert abstains or certifies a wrong class. Writes an .npz with indices, labels, radii [n, K],
+    predictions [n, K], p_lower [n, K], the experts and the settings. The file is rewritten
+    atomically after every chunk; re-running the same command resumes a killed run.
+    """
+    from experts.data import load_dataset
+    from experts.folders import load_folder
+
+    from .labels import compute_labels, label_summary, select_label_indices
+
+    if max_images is not None and fraction is not None:
+        raise click.UsageError("pass either --max or --fraction, not both")
+    if len(experts) < 2:
+        raise click.BadParameter("router labels need at least two experts (repeat --expert)", param_hint="--expert")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    folders = [load_folder(ref, expected_kind="expert") for ref in experts]
+    ds = load_dataset(dataset, split=split, data=data)
+    indices = select_label_indices(len(ds), max_images=max_images, fraction=fraction, seed=seed)
+    selection = {"max": max_images, "fraction": fraction}
+    bar = None if quiet else click.progressbar(length=len(indices), label="labels", file=sys.stderr, show_pos=True,
+                                               show_eta=True)
+    log = None if quiet else (lambda message: click.echo(message, err=True))
+    if bar is not None:
+        with bar:
+            result = compute_labels(folders, ds, indices, out=out, n0=n0, n=n, alpha=alpha, seed=seed, batch=batch,
+                                    chunk=chunk, engine=engine, device=device, precision=precision, data=data,
+                                    selection=selection, command=_command_line(), progress=bar.update, log=log)
+    else:
+        result = compute_labels(folders, ds, indices, out=out, n0=n0, n=n, alpha=alpha, seed=seed, batch=batch,
+                                chunk=chunk, engine=engine, device=device, precision=precision, data=data,
+                                selection=selection, command=_command_line(), log=log)
+    summary = label_summary(result)
+    click.echo(json.dumps(summary, indent=2))
+    click.echo(f"labels: {out} ({summary['images']} images, {result.meta.get('seconds', 0):.0f} s)", err=True)
+
+
+@click.command("train-router")
+@click.option("--labels", "labels_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Labels file from `dualrs-route labels`.")
+@click.option("--expert", "experts", multiple=True, required=True, metavar="REF",
+              help="The labels file's experts, in the same order (checked by weight hash).")
+@click.option("--arch", default=None, help="Router architecture (default: small_cnn).")
+@click.option("--arch-args", default=None, help="JSON dict of architecture arguments "
+                                                "(default for 32x32 inputs: {\"channels\": [32, 64, 128], \"hidden\": 128}).")
+@click.option("--sigma-e", "sigma_e", type=float, default=None,
+              help="Router noise level sigma_e (default: the largest expert sigma).")
+@click.option("--epochs", type=click.IntRange(min=1), default=90, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True, help="AdamW learning rate (halved at 1/3 and 2/3).")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--lambda", "lam", type=float, default=40.0, show_default=True, help="Consistency (KL) weight.")
+@click.option("--eta", type=float, default=0.5, show_default=True, help="Entropy weight.")
+@click.option("--augment/--no-augment", default=None, help="Random crop + flip (default: on for 32x32 RGB).")
+@click.option("--data", default=None, metavar="PATH", help="Data location (default: the one in the labels file).")
+@click.option("--holdout", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Labels file of held-out images: report routing accuracy and dR on it after training.")
+@click.option("--report-N", "report_n", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Noisy samples per held-out image for the router's choice in the report.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Router folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing model folder.")
+@click.option("--quiet", is_flag=True)
+def train_router_command(labels_file, experts, arch, arch_args, sigma_e, epochs, batch, lr, weight_decay, lam, eta,
+                         augment, data, holdout, report_n, seed, threads, out, force, quiet):
+    """Train a Dual RS router on a labels file and write a router folder.
+
+    Soft labels softmax(R), class weights 1/q_k, and the consistency loss
+    lambda * KL(mean || copy) + eta * H(mean) over two Gaussian copies at sigma_e; AdamW.
+    Checkpoints every epoch to OUT/checkpoint.pt; re-running the same command resumes.
+    """
+    from .training import train_router
+
+    _positive_float("--sigma-e", sigma_e)
+    _positive_float("--lr", lr)
+    _positive_float("--weight-decay", weight_decay, allow_zero=True)
+    _positive_float("--lambda", lam, allow_zero=True)
+    _positive_float("--eta", eta, allow_zero=True)
+    parsed = None
+    if arch_args is not None:
+        try:
+            parsed = json.loads(arch_args)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--arch-args") from None
+        if not isinstance(parsed, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--arch-args")
+    path = train_router(labels=labels_file, experts=experts, out=out, arch=arch, arch_args=parsed, sigma_e=sigma_e,
+                        epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, lam=lam, eta=eta, seed=seed,
+                        data=data, augment=augment, threads=threads, holdout=holdout, report_n=report_n,
+                        overwrite=force, command=_command_line(), log=None if quiet else click.echo)
+    click.echo(f"wrote {path}")
+
+
+@click.command("router-report")
+@click.option("--router", default=None, metavar="REF", help="Router folder to evaluate on --holdout.")
+@click.option("--holdout", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Labels file of held-out images (same experts as the router).")
+@click.option("--results", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Results TSV of `certify --router`: how often R_sigma < R_c.")
+@click.option("--N", "n", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Noisy samples per image for the router's choice.")
+@click.option("--data", default=None, metavar="PATH", help="Data location (default: the one in the labels file).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def router_report_command(router, holdout, results, n, data, seed, fmt):
+    """Routing diagnostics: radius lost to routing (dR = R* - R_routed) and the router bottleneck.
+
+    With --router and --holdout: routing accuracy against the best expert and quantiles/ECDF of dR
+    at the labels' budget. With --results: the share of examples where R_sigma < R_c.
+    """
+    from .labels import load_labels
+    from .training import bottleneck_report, format_report, routing_report_for_folder
+
+    if (router is None) != (holdout is None):
+        raise click.UsageError("--router and --holdout go together")
+    if router is None and results is None:
+        raise click.UsageError("nothing to report: pass --router with --holdout, and/or --results")
+    report = {}
+    if router is not None:
+        report["routing"] = routing_report_for_folder(router, load_labels(holdout, require_complete=True), n=n,
+                                                      seed=seed, data=data)
+    if results is not None:
+        report["bottleneck"] = bottleneck_report(results)
+    click.echo(json.dumps(report, indent=2) if fmt == "json" else format_report(report))
