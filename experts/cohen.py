@@ -10,12 +10,16 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from .data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from .data import CIFAR10_CLASSES
 from .errors import ModelFormatError
 from .architectures import build_model
 from .folders import ModelConfig, save_folder
 
-DATASETS = {"cifar10": dict(num_classes=10, input_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD,
+# The normalisation Cohen et al.'s CIFAR-10 models were trained with (their code/datasets.py). It differs
+# from the true CIFAR-10 channel std in experts.data.CIFAR10_STD; an imported model must keep its own.
+COHEN_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+COHEN_CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+DATASETS = {"cifar10": dict(num_classes=10, input_shape=(3, 32, 32), mean=COHEN_CIFAR10_MEAN, std=COHEN_CIFAR10_STD,
                             class_names=CIFAR10_CLASSES)}
 COHEN_ARCHS = ("cifar_resnet20", "cifar_resnet110")
 

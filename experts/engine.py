@@ -118,7 +118,9 @@ class TorchCounter:
         import torch
 
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            hint = (" (int8 runs on --engine onnxruntime from a static-QDQ model.int8.onnx: "
+                    "`dualrs-route export REF --to int8`)") if precision == "int8" else ""
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}{hint}")
         self.device = resolve_device(device)
         self.num_classes = check_count(num_classes, "num_classes")
         self.input_shape = tuple(int(d) for d in input_shape)

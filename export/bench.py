@@ -305,13 +305,18 @@ def format_table(result: dict) -> str:
     def fmt(value, spec, scale=1.0):
         return "-" if value is None else format(value * scale, spec)
 
+    notes = []
     for r in result["rows"]:
         if r["skipped"]:
-            lines.append(f"| {r['model']} | {r['engine']} | {r['precision']} | {r['batch']} | skipped: "
-                         f"{r['skipped'][:120]} | | | | |")
+            notes.append(r["skipped"])
+            lines.append(f"| {r['model']} | {r['engine']} | {r['precision']} | {r['batch']} | skipped [{len(notes)}] "
+                         "| | | | |")
             continue
         lines.append(f"| {r['model']} | {r['engine']} | {r['precision']} | {r['batch']} | "
                      f"{fmt(r['samples_per_s'], ',.0f')} | {fmt(r['bound_fraction'], '.0f', 100)} | "
                      f"{fmt(r['certify_s'], '.3f')} | {fmt(r['dual_certify_s'], '.3f')} | "
                      f"{fmt(r['dual_overhead'], '+.0%')} |")
+    if notes:
+        lines.append("")
+        lines += [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines)

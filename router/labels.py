@@ -206,23 +206,28 @@ def weights_hash(folder: ModelFolder) -> str:
 
 
 def select_label_indices(length: int, *, max_images: int | None = None, fraction: float | None = None,
-                         seed: int = 0) -> np.ndarray:
-    """Images to label: all, the first ``max_images``, or a fixed random ``fraction`` (sorted).
+                         seed: int = 0, start: int = 0) -> np.ndarray:
+    """Images to label (sorted int64): from the images ``start .. length-1``, all of them, the
+    first ``max_images``, or a fixed random ``fraction`` of them.
 
-    The fraction subset is ``experts.training.training_subset(length, fraction, seed)``.
+    The fraction subset is ``start + experts.training.training_subset(length - start, fraction, seed)``.
+    ``start`` lets a held-out labels file use images that the training labels do not.
     """
     from experts.training import training_subset
 
     if max_images is not None and fraction is not None:
         raise ValueError("pass either --max or --fraction, not both")
+    start = check_count(start, "--start", minimum=0)
+    if start >= length:
+        raise DataError(f"--start {start} is past the end of the split ({length} images)")
     if max_images is not None:
         check_count(max_images, "--max")
-        return np.arange(min(length, int(max_images)), dtype=np.int64)
+        return np.arange(start, min(length, start + int(max_images)), dtype=np.int64)
     if fraction is not None:
         if not (0.0 < float(fraction) <= 1.0):
             raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
-        return training_subset(length, float(fraction), seed).astype(np.int64)
-    return np.arange(length, dtype=np.int64)
+        return start + training_subset(length - start, float(fraction), seed).astype(np.int64)
+    return np.arange(start, length, dtype=np.int64)
 
 
 def _diff(old: dict, new: dict) -> list[str]:

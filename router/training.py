@@ -158,14 +158,16 @@ def portable_reference(folder: ModelFolder, router_dir: Path) -> str:
 
 
 def match_experts(labels: LabelSet, experts: Sequence[ModelFolder], source: str = "the labels file") -> None:
-    """Raise IncompatibleModelsError unless ``experts`` are the labels file's experts, in order (by weight hash)."""
+    """Raise IncompatibleModelsError unless ``experts`` are the labels file's experts, in order
+    (same weight file sha256 and same sigma)."""
     if len(experts) != labels.num_experts:
         raise IncompatibleModelsError(f"{source} has {labels.num_experts} experts ({', '.join(labels.references)}) but "
                                       f"{len(experts)} --expert options were given; pass the same experts in order")
-    for k, (folder, digest, ref) in enumerate(zip(experts, labels.sha256, labels.references)):
-        if weights_hash(folder) != digest:
-            raise IncompatibleModelsError(f"expert {k} ({folder.reference}) is not the network {source} was made with "
-                                          f"({ref}, sha256 {digest[:12]}...); pass the labels' experts in the same order")
+    for k, (folder, digest, ref, sigma) in enumerate(zip(experts, labels.sha256, labels.references, labels.sigmas)):
+        if weights_hash(folder) != digest or folder.config.sigma != float(sigma):
+            raise IncompatibleModelsError(f"expert {k} ({folder.reference}, sigma {folder.config.sigma}) is not the "
+                                          f"smoothed classifier {source} was made with ({ref}, sigma {float(sigma)}, "
+                                          f"sha256 {digest[:12]}...); pass the labels' experts in the same order")
 
 
 def default_router_architecture(input_shape) -> tuple[str, dict]:
@@ -264,7 +266,7 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
     arch_args = dict(default_args if arch == default_name else {}, **(arch_args or {}))
     batch = min(int(batch), len(images))
     augment = tuple(cfg0.input_shape) == (3, 32, 32) if augment is None else bool(augment)
-    settings = {"labels_sha256": _file_sha256(labels), "experts": [weights_hash(f) for f in folders],
+    settings = {"labels_sha256": _file_sha256(labels), "experts": [[weights_hash(f), f.config.sigma] for f in folders],
                 "arch": arch, "arch_args": arch_args, "sigma_e": float(sigma_e), "epochs": int(epochs),
                 "batch": int(batch), "lr": float(lr), "weight_decay": float(weight_decay), "lambda": float(lam),
                 "eta": float(eta), "temperature": float(temperature), "seed": int(seed), "augment": augment, "copies": COPIES}

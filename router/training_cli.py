@@ -47,6 +47,8 @@ def _positive_float(name: str, value: float | None, *, allow_zero: bool = False)
               help="Label only the first MAX images of the split.")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Label a fixed random fraction of the split (chosen with --seed); the paper: 0.2 loses little.")
+@click.option("--start", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Skip the images before this index (e.g. to label held-out images the training labels omit).")
 @click.option("--batch", type=click.IntRange(min=1), default=400, show_default=True,
               help="Noisy samples per forward pass (does not change results).")
 @click.option("--chunk", type=click.IntRange(min=1), default=DEFAULT_CHUNK, show_default=True,
@@ -58,7 +60,7 @@ def _positive_float(name: str, value: float | None, *, allow_zero: bool = False)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Labels file (.npz) to write or resume.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, fraction, batch, chunk, seed, device,
+def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, fraction, start, batch, chunk, seed, device,
                    engine, precision, threads, out, quiet):
     """Router labels: certify every image with every expert on a cheap budget.
 
@@ -82,8 +84,8 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
         torch.set_num_threads(threads)
     folders = [load_folder(ref, expected_kind="expert") for ref in experts]
     ds = load_dataset(dataset, split=split, data=data)
-    indices = select_label_indices(len(ds), max_images=max_images, fraction=fraction, seed=seed)
-    selection = {"max": max_images, "fraction": fraction}
+    indices = select_label_indices(len(ds), max_images=max_images, fraction=fraction, seed=seed, start=start)
+    selection = {"max": max_images, "fraction": fraction, "start": start}
     bar = None if quiet else click.progressbar(length=len(indices), label="labels", file=sys.stderr, show_pos=True,
                                                show_eta=True)
     log = None if quiet else (lambda message: click.echo(message, err=True))

@@ -1,0 +1,276 @@
+"""Issue 5 benchmark: every engine side by side on one CIFAR-10 ResNet-20 expert, in one run.
+
+Usage (from the repository root; writes nothing into the repository except --json):
+
+    python benchmarks/bench_engines.py --threads 2 --json benchmarks/engines.json
+
+Rows (noisy samples/s, medians over --repeats, engines timed round-robin so that load
+changes hit all of them alike):
+
+* baseline: Cohen et al.'s loop (fp32 eager torch, ``x.repeat`` + ``randn_like``, Python counting);
+* torch engine fp32 and bf16 (:class:`experts.engine.TorchCounter`, keyed noise, channels_last);
+* ONNX Runtime fp32 (host torch noise, I/O binding), and the same without I/O binding and
+  with numpy noise (the torch-free path), to document the noise-source decision;
+* ONNX Runtime int8 (static QDQ, calibrated at the expert's sigma).
+
+Each row gets its ratio to the baseline and its fraction of the fp32 FLOP-bound limit
+(measured 2048^2 matmul peak / counted FLOPs per sample). With a trained expert and the
+CIFAR-10 test set (``--data``), it also certifies ``--agreement-images`` test images with
+every engine and reports how often certified predictions (abstentions included) and
+radii agree with the torch fp32 engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_EXPERT = ROOT / "experts" / "zoo" / "cifar10-resnet20-sigma0.25"
+
+
+def prepare_expert(expert: Path, work: Path, data: Path | None, calibration: int) -> tuple[Path, bool, str]:
+    """Copy (or create) the expert in ``work`` with model.onnx and model.int8.onnx. Returns (folder, trained, note)."""
+    from experts.architectures import build_model
+    from experts.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_dataset
+    from experts.folders import ModelConfig, save_folder
+    from export.onnx_export import export_onnx
+    from export.quantize import quantize_int8
+
+    folder = work / "expert"
+    if (expert / "config.json").is_file() and (expert / "model.safetensors").is_file():
+        export_onnx(str(expert), folder, copy_weights=True)
+        trained, note = True, f"trained expert {expert.relative_to(ROOT) if expert.is_relative_to(ROOT) else expert}"
+    else:
+        import torch
+
+        torch.manual_seed(0)
+        model = build_model("cifar_resnet20", num_classes=10, input_shape=(3, 32, 32), mean=CIFAR10_MEAN,
+                            std=CIFAR10_STD)
+        config = ModelConfig(kind="expert", sigma=0.25, num_classes=10, input_shape=(3, 32, 32), mean=CIFAR10_MEAN,
+                             std=CIFAR10_STD, architecture="cifar_resnet20", class_names=CIFAR10_CLASSES,
+                             name="random-resnet20")
+        save_folder(folder, config, model.eval())
+        export_onnx(str(folder))
+        trained, note = False, f"RANDOMLY INITIALISED cifar_resnet20 ({expert} not found): timing only"
+    images = None
+    if data is not None and (data / "cifar10_train.npz").is_file():
+        train = load_dataset("cifar10", split="train", data=str(data))
+        picked = np.random.default_rng(0).choice(len(train), size=1000, replace=False)
+        images = train.batch(np.sort(picked))
+    quantize_int8(str(folder), images=images, samples=calibration)
+    note += "; int8 calibrated on " + ("1000 CIFAR-10 training images" if images is not None else "synthetic images")
+    return folder, trained, note
+
+
+def build_engines(folder: Path, batch: int, threads: int):
+    """name -> (callable counting n samples of x at sigma with a fixed key, description)."""
+    import torch
+
+    from experts.folders import load_folder, make_counter
+    from experts.noise import NoiseKey, Stage
+    from export.bench import naive_cohen_counts
+
+    f = load_folder(str(folder))
+    cfg = f.config
+    key = NoiseKey(0, 0, Stage.EXPERT_ESTIMATE)
+    baseline_model = f.load_torch_model().eval()
+    engines = {}
+
+    def baseline(x, sigma, n):
+        return naive_cohen_counts(baseline_model, torch.from_numpy(x), sigma, n, batch, cfg.num_classes)
+
+    engines["baseline (Cohen loop, fp32 eager)"] = baseline
+    counters = {
+        "torch fp32": make_counter(f, engine="torch", batch_size=batch, precision="fp32"),
+        "torch bf16": make_counter(f, engine="torch", batch_size=batch, precision="bf16"),
+        "onnxruntime fp32": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads),
+        "onnxruntime fp32, no I/O binding": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
+                                                         io_binding=False),
+        "onnxruntime fp32, numpy noise": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
+                                                      noise="numpy"),
+        "onnxruntime int8": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
+                                         precision="int8"),
+    }
+    for name, counter in counters.items():
+        engines[name] = (lambda x, sigma, n, c=counter: c.counts(x, sigma, n, key=key))
+    return engines, counters
+
+
+def noise_rates(shape, samples: int, repeats: int) -> dict:
+    """Noise generation alone (x + sigma * eps into a host buffer), samples/s, torch vs numpy keyed blocks."""
+    from experts.noise import NoiseKey, Stage
+    from export.bench import median_seconds
+    from export.runtime import NumpyHostNoise, TorchHostNoise
+
+    x = np.full(shape, 0.5, dtype=np.float32)
+    out = np.empty((samples, *shape), dtype=np.float32)
+    key = NoiseKey(0, 0, Stage.EXPERT_ESTIMATE)
+    rates = {}
+    for source in (TorchHostNoise(shape), NumpyHostNoise(shape)):
+        median, _ = median_seconds(lambda s=source: s.add_noise(out, x, 0.25, key, 0, samples), repeats=repeats)
+        rates[source.name] = samples / median
+    return rates
+
+
+def agreement(folder: Path, data: Path, images: int, n0: int, n: int, batch: int, threads: int, log) -> dict:
+    """Certify ``images`` CIFAR-10 test images (evenly spaced) with each engine; compare with torch fp32."""
+    from experts.data import load_dataset
+    from experts.folders import load_folder, make_counter
+    from experts.smoothing import SmoothedClassifier
+
+    f = load_folder(str(folder))
+    test = load_dataset("cifar10", split="test", data=str(data))
+    indices = np.linspace(0, len(test) - 1, images).astype(int)
+    xs, labels = test.batch(indices), test.labels[indices]
+    setups = {"torch fp32": dict(engine="torch", precision="fp32"),
+              "torch bf16": dict(engine="torch", precision="bf16"),
+              "onnxruntime fp32": dict(engine="onnxruntime", precision="fp32", threads=threads),
+              "onnxruntime int8": dict(engine="onnxruntime", precision="int8", threads=threads)}
+    certs = {}
+    for name, options in setups.items():
+        start = time.perf_counter()
+        smoothed = SmoothedClassifier(make_counter(f, batch_size=batch, **options), f.config.sigma)
+        certs[name] = [smoothed.certify(x, n0=n0, n=n, alpha=0.001, seed=0, index=int(i))
+                       for x, i in zip(xs, indices)]
+        log(f"  certified {images} images with {name} in {time.perf_counter() - start:.0f} s")
+    reference = certs["torch fp32"]
+    out = {"images": int(images), "N0": n0, "N": n, "alpha": 0.001, "indices": "np.linspace(0, 9999, images)"}
+    for name, results in certs.items():
+        same = [a.prediction == b.prediction for a, b in zip(reference, results)]
+        radius_diff = [abs(a.radius - b.radius) for a, b in zip(reference, results)]
+        correct = [r.prediction == y for r, y in zip(results, labels)]
+        out[name] = {"prediction_agreement": float(np.mean(same)), "mean_abs_radius_diff": float(np.mean(radius_diff)),
+                     "radius_within_0.05": float(np.mean(np.array(radius_diff) <= 0.05)),
+                     "certified_accuracy_r0": float(np.mean(correct)),
+                     "abstain_rate": float(np.mean([r.prediction == -1 for r in results]))}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--expert", type=Path, default=DEFAULT_EXPERT)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", default="100,400", help="comma-separated batch sizes")
+    parser.add_argument("--samples", type=int, default=2000, help="noisy samples per timed run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--peak-seconds", type=float, default=20.0)
+    parser.add_argument("--calibration", type=int, default=512, help="noisy int8 calibration inputs")
+    parser.add_argument("--agreement-images", type=int, default=100)
+    parser.add_argument("--agreement-n", type=int, default=1000)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from experts.architectures import count_flops
+    from experts.folders import load_folder
+    from export.bench import matmul_peak, round_robin, _versions
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batch.split(",")]
+    result = {"command": " ".join(["python", "benchmarks/bench_engines.py", *(argv or sys.argv[1:])]),
+              "threads": args.threads, "samples": args.samples, "repeats": args.repeats, "versions": _versions(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
+        folder, trained, note = prepare_expert(args.expert, Path(tmp), args.data, args.calibration)
+        log(note)
+        f = load_folder(str(folder))
+        sigma = f.config.sigma
+        flops = count_flops(f.load_torch_model(), f.config.input_shape)
+        result.update(expert=note, trained=trained, sigma=sigma, flops_per_sample=flops)
+        rng = np.random.default_rng(0)
+        if args.data is not None and (args.data / "cifar10_test.npz").is_file():
+            from experts.data import load_dataset
+
+            x = load_dataset("cifar10", split="test", data=str(args.data)).image(0)
+        else:
+            x = rng.random(f.config.input_shape, dtype=np.float32)
+        log(f"measuring the fp32 matmul peak for {args.peak_seconds:.0f} s ...")
+        peak_before = matmul_peak(seconds=args.peak_seconds / 2, threads=args.threads)
+        result["noise_samples_per_s"] = noise_rates(f.config.input_shape, 1000, args.repeats)
+        tables = {}
+        for batch in batches:
+            engines, _ = build_engines(folder, batch, args.threads)
+            tasks = {name: (lambda fn=fn: fn(x, sigma, args.samples)) for name, fn in engines.items()}
+            log(f"batch {batch}: {len(tasks)} engines x {args.repeats} repeats of {args.samples} samples ...")
+            times = round_robin(tasks, warmup=args.warmup, repeats=args.repeats)
+            tables[batch] = {name: {"samples_per_s": args.samples / statistics.median(t), "timings_s": t}
+                             for name, t in times.items()}
+        peak_after = matmul_peak(seconds=args.peak_seconds / 2, threads=args.threads)
+        peak = max(peak_before["gflops"], peak_after["gflops"])
+        bound = peak * 1e9 / flops
+        result.update(peak_gflops=peak, peak_runs=[peak_before, peak_after], flop_bound_samples_per_s=bound)
+        baseline_name = "baseline (Cohen loop, fp32 eager)"
+        base_best = max(tables[b][baseline_name]["samples_per_s"] for b in batches)
+        for batch, rows in tables.items():
+            for name, row in rows.items():
+                row["ratio_to_baseline_same_batch"] = row["samples_per_s"] / rows[baseline_name]["samples_per_s"]
+                row["ratio_to_best_baseline"] = row["samples_per_s"] / base_best
+                row["fraction_of_fp32_bound"] = row["samples_per_s"] / bound
+        result["throughput"] = {str(b): rows for b, rows in tables.items()}
+        if trained and args.agreement_images > 0 and (args.data / "cifar10_test.npz").is_file():
+            log(f"agreement: certifying {args.agreement_images} test images per engine at N={args.agreement_n} ...")
+            result["agreement"] = agreement(folder, args.data, args.agreement_images, 100, args.agreement_n,
+                                            max(batches), args.threads, log)
+        else:
+            result["agreement"] = "pending: needs a trained expert and ../shared/data/cifar10_test.npz"
+    print(render(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+def render(result: dict) -> str:
+    """Markdown tables of a result dict."""
+    lines = [f"Expert: {result['expert']}. sigma={result['sigma']}, {result['flops_per_sample'] / 1e6:.1f} MFLOP/sample "
+             f"(counted), threads={result['threads']}, fp32 matmul peak {result['peak_gflops']:.0f} GFLOP/s -> "
+             f"FLOP bound {result['flop_bound_samples_per_s']:,.0f} samples/s. Medians of {result['repeats']} runs of "
+             f"{result['samples']} samples.", ""]
+    batches = list(result["throughput"])
+    header = "| engine | " + " | ".join(f"B={b} samples/s | x baseline | % bound" for b in batches) + " |"
+    lines += [header, "|---|" + "---|---|---|" * len(batches)]
+    names = list(result["throughput"][batches[0]])
+    for name in names:
+        cells = []
+        for b in batches:
+            row = result["throughput"][b][name]
+            cells.append(f"{row['samples_per_s']:,.0f} | {row['ratio_to_best_baseline']:.2f} | "
+                         f"{100 * row['fraction_of_fp32_bound']:.0f}%")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "x baseline = ratio to the best baseline batch size. Noise generation alone (samples/s): " +
+              ", ".join(f"{k} {v:,.0f}" for k, v in result["noise_samples_per_s"].items())]
+    agreement = result["agreement"]
+    if isinstance(agreement, dict):
+        lines += ["", f"Agreement with torch fp32 on {agreement['images']} CIFAR-10 test images "
+                      f"(N0={agreement['N0']}, N={agreement['N']}, alpha={agreement['alpha']}):", "",
+                  "| engine | certified prediction agreement | mean abs radius diff | radius within 0.05 | "
+                  "certified acc. r=0 | abstain |", "|---|---|---|---|---|---|"]
+        for name, row in agreement.items():
+            if isinstance(row, dict):
+                lines.append(f"| {name} | {100 * row['prediction_agreement']:.1f}% | {row['mean_abs_radius_diff']:.4f} "
+                             f"| {100 * row['radius_within_0.05']:.1f}% | {100 * row['certified_accuracy_r0']:.1f}% | "
+                             f"{100 * row['abstain_rate']:.1f}% |")
+    else:
+        lines += ["", f"Agreement: {agreement}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""`dualrs-route export` and `dualrs-route bench` through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from router.cli import main
+
+
+@pytest.fixture
+def run():
+    def invoke(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    return invoke
+
+
+def test_export_onnx_and_int8(run, folder_copy, tmp_path):
+    (folder_copy / "model.onnx").unlink()
+    (folder_copy / "model.int8.onnx").unlink()
+    result = run("export", folder_copy, "--to", "int8", "--calibration-samples", "64")
+    assert result.exit_code == 0, result.output
+    assert (folder_copy / "model.onnx").is_file() and (folder_copy / "model.int8.onnx").is_file()
+    assert "validated against torch" in result.output and "calibrated at sigma=0.5" in result.output
+    assert "synthetic images" in result.output  # the warning when no calibration dataset is given
+
+
+def test_export_with_calibration_dataset(run, folder_copy, npz_dataset, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = npz_dataset(rng.random((20, 1, 8, 8), dtype=np.float32), rng.integers(0, 4, 20))
+    out = tmp_path / "copy"
+    result = run("export", folder_copy, "--to", "int8", "--out", out, "--calibration-dataset", f"npz:{data}",
+                 "--calibration-samples", "32")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.int8.onnx", "model.onnx"]
+
+
+def test_export_errors_are_one_line(run, tmp_path, folder_copy):
+    result = run("export", tmp_path / "nowhere")
+    assert result.exit_code == 1 and "no such folder" in result.output and "Traceback" not in result.output
+    result = run("export", folder_copy, "--fp16")
+    assert result.exit_code == 2 and "--fp16 applies to --to tensorrt" in result.output
+
+
+def test_bench_json_and_table(run, exported_folder, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", exported_folder, "--engine", "torch,onnxruntime,tensorrt", "--precision", "fp32,int8",
+                 "--batch", "100", "--samples", "200", "--N", "200", "--N0", "20", "--repeats", "2", "--warmup", "0",
+                 "--threads", "1", "--peak-seconds", "0.2", "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["peak"]["gflops"] > 0 and report["flops_per_sample"]["tiny-expert"] > 0
+    rows = {(r["engine"], r["precision"]): r for r in report["rows"]}
+    assert set(rows) == {("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("tensorrt", "fp32")}
+    for key in [("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]:
+        row = rows[key]
+        assert row["samples_per_s"] > 0 and len(row["timings_s"]) == 2 and row["certify_s"] > 0
+        assert row["bound_fraction"] == pytest.approx(
+            row["samples_per_s"] / report["flop_bound_samples_per_s"]["tiny-expert"])
+    assert rows[("tensorrt", "fp32")]["skipped"]  # not installed here, reported rather than crashing
+    assert "| tiny-expert | onnxruntime | int8 | 100 |" in result.output
+    assert "[1] " in result.output and "dualrs-route[gpu]" in result.output  # why tensorrt was skipped
+
+
+def test_bench_rejects_bad_values(run, exported_folder):
+    result = run("bench", exported_folder, "--batch", "0")
+    assert result.exit_code == 2 and "must be >= 1" in result.output
+    result = run("bench", exported_folder, "--engine", "jax")
+    assert result.exit_code == 2 and "'jax' is not one of" in result.output
+
+
+def test_bench_router_reports_dual_overhead(run, tiny_router, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", tiny_router, "--engine", "torch", "--batch", "100", "--samples", "100", "--N", "200",
+                 "--N0", "20", "--repeats", "1", "--warmup", "0", "--peak-seconds", "0.1", "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["kind"] == "router"
+    assert {r["role"] for r in report["rows"]} == {"router", "expert"} and len(report["rows"]) == 3
+    with_dual = [r for r in report["rows"] if r["dual_certify_s"] is not None]
+    assert len(with_dual) == 1  # the routed expert's row
+    row = with_dual[0]
+    assert row["dual_overhead"] == pytest.approx(row["dual_certify_s"] / row["certify_s"] - 1)
+    assert row["dual_certify_s"] > 0 and row["certify_s"] > 0
+
+
+def test_export_router_copy_keeps_expert_references_working(run, tiny_router, tmp_path):
+    from experts.folders import load_folder
+    from router.dual import load_router_set
+
+    out = tmp_path / "elsewhere" / "router-onnx"
+    result = run("export", tiny_router, "--out", out, "--copy-weights")
+    assert result.exit_code == 0, result.output
+    router, experts = load_router_set(str(out))
+    assert router.has_onnx and [e.path.name for e in experts] == ["e-low", "e-high"]
+    assert load_folder(str(tiny_router)).config.experts == ("../e-low", "../e-high")  # the source is untouched
