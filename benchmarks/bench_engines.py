@@ -39,10 +39,22 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_EXPERT = ROOT / "experts" / "zoo" / "cifar10-resnet20-sigma0.25"
 
 
-def prepare_expert(expert: Path, work: Path, data: Path | None, calibration: int) -> tuple[Path, bool, str]:
+def load_split(dataset: str, split: str, data: Path | None):
+    """The dataset split, or None when its files are absent (CIFAR-10 without ../shared/data)."""
+    from experts.data import load_dataset
+    from experts.errors import DataError
+
+    try:
+        return load_dataset(dataset, split=split, data=str(data) if data else None)
+    except DataError:
+        return None
+
+
+def prepare_expert(expert: Path, work: Path, dataset: str, data: Path | None,
+                   calibration: int) -> tuple[Path, bool, str]:
     """Copy (or create) the expert in ``work`` with model.onnx and model.int8.onnx. Returns (folder, trained, note)."""
     from experts.architectures import build_model
-    from experts.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_dataset
+    from experts.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
     from experts.folders import ModelConfig, save_folder
     from export.onnx_export import export_onnx
     from export.quantize import quantize_int8
@@ -64,12 +76,13 @@ def prepare_expert(expert: Path, work: Path, data: Path | None, calibration: int
         export_onnx(str(folder))
         trained, note = False, f"RANDOMLY INITIALISED cifar_resnet20 ({expert} not found): timing only"
     images = None
-    if data is not None and (data / "cifar10_train.npz").is_file():
-        train = load_dataset("cifar10", split="train", data=str(data))
-        picked = np.random.default_rng(0).choice(len(train), size=1000, replace=False)
+    train = load_split(dataset, "train", data)
+    if train is not None:
+        picked = np.random.default_rng(0).choice(len(train), size=min(1000, len(train)), replace=False)
         images = train.batch(np.sort(picked))
     quantize_int8(str(folder), images=images, samples=calibration)
-    note += "; int8 calibrated on " + ("1000 CIFAR-10 training images" if images is not None else "synthetic images")
+    note += (f"; int8 calibrated on {len(images)} {dataset} training images + noise at sigma" if images is not None
+             else "; int8 calibrated on synthetic images + noise at sigma")
     return folder, trained, note
 
 
@@ -123,14 +136,13 @@ def noise_rates(shape, samples: int, repeats: int) -> dict:
     return rates
 
 
-def agreement(folder: Path, data: Path, images: int, n0: int, n: int, batch: int, threads: int, log) -> dict:
-    """Certify ``images`` CIFAR-10 test images (evenly spaced) with each engine; compare with torch fp32."""
-    from experts.data import load_dataset
+def agreement(folder: Path, test, images: int, n0: int, n: int, batch: int, threads: int, log) -> dict:
+    """Certify ``images`` test images (evenly spaced) with each engine; compare with torch fp32."""
     from experts.folders import load_folder, make_counter
     from experts.smoothing import SmoothedClassifier
 
     f = load_folder(str(folder))
-    test = load_dataset("cifar10", split="test", data=str(data))
+    images = min(images, len(test))
     indices = np.linspace(0, len(test) - 1, images).astype(int)
     xs, labels = test.batch(indices), test.labels[indices]
     setups = {"torch fp32": dict(engine="torch", precision="fp32"),
@@ -145,7 +157,8 @@ def agreement(folder: Path, data: Path, images: int, n0: int, n: int, batch: int
                        for x, i in zip(xs, indices)]
         log(f"  certified {images} images with {name} in {time.perf_counter() - start:.0f} s")
     reference = certs["torch fp32"]
-    out = {"images": int(images), "N0": n0, "N": n, "alpha": 0.001, "indices": "np.linspace(0, 9999, images)"}
+    out = {"images": int(images), "N0": n0, "N": n, "alpha": 0.001, "dataset": test.name,
+           "indices": f"np.linspace(0, {len(test) - 1}, {images}).astype(int)"}
     for name, results in certs.items():
         same = [a.prediction == b.prediction for a, b in zip(reference, results)]
         radius_diff = [abs(a.radius - b.radius) for a, b in zip(reference, results)]
@@ -160,7 +173,9 @@ def agreement(folder: Path, data: Path, images: int, n0: int, n: int, batch: int
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--expert", type=Path, default=DEFAULT_EXPERT)
+    parser.add_argument("--dataset", default="cifar10", help="cifar10 (files in --data) or digits")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--no-timing", action="store_true", help="only the agreement part")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", default="100,400", help="comma-separated batch sizes")
     parser.add_argument("--samples", type=int, default=2000, help="noisy samples per timed run")
@@ -188,48 +203,44 @@ def main(argv=None) -> int:
               "threads": args.threads, "samples": args.samples, "repeats": args.repeats, "versions": _versions(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
-        folder, trained, note = prepare_expert(args.expert, Path(tmp), args.data, args.calibration)
+        folder, trained, note = prepare_expert(args.expert, Path(tmp), args.dataset, args.data, args.calibration)
         log(note)
         f = load_folder(str(folder))
         sigma = f.config.sigma
         flops = count_flops(f.load_torch_model(), f.config.input_shape)
         result.update(expert=note, trained=trained, sigma=sigma, flops_per_sample=flops)
-        rng = np.random.default_rng(0)
-        if args.data is not None and (args.data / "cifar10_test.npz").is_file():
-            from experts.data import load_dataset
-
-            x = load_dataset("cifar10", split="test", data=str(args.data)).image(0)
-        else:
-            x = rng.random(f.config.input_shape, dtype=np.float32)
-        log(f"measuring the fp32 matmul peak for {args.peak_seconds:.0f} s ...")
-        peak_before = matmul_peak(seconds=args.peak_seconds / 2, threads=args.threads)
-        result["noise_samples_per_s"] = noise_rates(f.config.input_shape, 1000, args.repeats)
-        tables = {}
-        for batch in batches:
-            engines, _ = build_engines(folder, batch, args.threads)
-            tasks = {name: (lambda fn=fn: fn(x, sigma, args.samples)) for name, fn in engines.items()}
-            log(f"batch {batch}: {len(tasks)} engines x {args.repeats} repeats of {args.samples} samples ...")
-            times = round_robin(tasks, warmup=args.warmup, repeats=args.repeats)
-            tables[batch] = {name: {"samples_per_s": args.samples / statistics.median(t), "timings_s": t}
-                             for name, t in times.items()}
-        peak_after = matmul_peak(seconds=args.peak_seconds / 2, threads=args.threads)
-        peak = max(peak_before["gflops"], peak_after["gflops"])
-        bound = peak * 1e9 / flops
-        result.update(peak_gflops=peak, peak_runs=[peak_before, peak_after], flop_bound_samples_per_s=bound)
-        baseline_name = "baseline (Cohen loop, fp32 eager)"
-        base_best = max(tables[b][baseline_name]["samples_per_s"] for b in batches)
-        for batch, rows in tables.items():
-            for name, row in rows.items():
-                row["ratio_to_baseline_same_batch"] = row["samples_per_s"] / rows[baseline_name]["samples_per_s"]
-                row["ratio_to_best_baseline"] = row["samples_per_s"] / base_best
-                row["fraction_of_fp32_bound"] = row["samples_per_s"] / bound
-        result["throughput"] = {str(b): rows for b, rows in tables.items()}
-        if trained and args.agreement_images > 0 and (args.data / "cifar10_test.npz").is_file():
+        test = load_split(args.dataset, "test", args.data)
+        x = test.image(0) if test is not None else np.random.default_rng(0).random(f.config.input_shape, dtype=np.float32)
+        if not args.no_timing:
+            log(f"measuring the fp32 matmul peak for {args.peak_seconds:.0f} s ...")
+            peak_before = matmul_peak(seconds=args.peak_seconds / 2, threads=args.threads)
+            result["noise_samples_per_s"] = noise_rates(f.config.input_shape, 1000, args.repeats)
+            tables = {}
+            for batch in batches:
+                engines, _ = build_engines(folder, batch, args.threads)
+                tasks = {name: (lambda fn=fn: fn(x, sigma, args.samples)) for name, fn in engines.items()}
+                log(f"batch {batch}: {len(tasks)} engines x {args.repeats} repeats of {args.samples} samples ...")
+                times = round_robin(tasks, warmup=args.warmup, repeats=args.repeats)
+                tables[batch] = {name: {"samples_per_s": args.samples / statistics.median(t), "timings_s": t}
+                                 for name, t in times.items()}
+            peak_after = matmul_peak(seconds=args.peak_seconds / 2, threads=args.threads)
+            peak = max(peak_before["gflops"], peak_after["gflops"])
+            bound = peak * 1e9 / flops
+            result.update(peak_gflops=peak, peak_runs=[peak_before, peak_after], flop_bound_samples_per_s=bound)
+            baseline_name = "baseline (Cohen loop, fp32 eager)"
+            base_best = max(tables[b][baseline_name]["samples_per_s"] for b in batches)
+            for batch, rows in tables.items():
+                for name, row in rows.items():
+                    row["ratio_to_baseline_same_batch"] = row["samples_per_s"] / rows[baseline_name]["samples_per_s"]
+                    row["ratio_to_best_baseline"] = row["samples_per_s"] / base_best
+                    row["fraction_of_fp32_bound"] = row["samples_per_s"] / bound
+            result["throughput"] = {str(b): rows for b, rows in tables.items()}
+        if trained and args.agreement_images > 0 and test is not None:
             log(f"agreement: certifying {args.agreement_images} test images per engine at N={args.agreement_n} ...")
-            result["agreement"] = agreement(folder, args.data, args.agreement_images, 100, args.agreement_n,
+            result["agreement"] = agreement(folder, test, args.agreement_images, 100, args.agreement_n,
                                             max(batches), args.threads, log)
         else:
-            result["agreement"] = "pending: needs a trained expert and ../shared/data/cifar10_test.npz"
+            result["agreement"] = f"pending: needs a trained expert and the {args.dataset} test split"
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -239,14 +250,18 @@ def main(argv=None) -> int:
 
 def render(result: dict) -> str:
     """Markdown tables of a result dict."""
-    lines = [f"Expert: {result['expert']}. sigma={result['sigma']}, {result['flops_per_sample'] / 1e6:.1f} MFLOP/sample "
-             f"(counted), threads={result['threads']}, fp32 matmul peak {result['peak_gflops']:.0f} GFLOP/s -> "
-             f"FLOP bound {result['flop_bound_samples_per_s']:,.0f} samples/s. Medians of {result['repeats']} runs of "
-             f"{result['samples']} samples.", ""]
-    batches = list(result["throughput"])
+    if "throughput" in result:
+        lines = [f"Expert: {result['expert']}. sigma={result['sigma']}, {result['flops_per_sample'] / 1e6:.1f} "
+                 f"MFLOP/sample (counted), threads={result['threads']}, fp32 matmul peak {result['peak_gflops']:.0f} "
+                 f"GFLOP/s -> FLOP bound {result['flop_bound_samples_per_s']:,.0f} samples/s. Medians of "
+                 f"{result['repeats']} runs of {result['samples']} samples.", ""]
+    else:
+        lines = [f"Expert: {result['expert']}. sigma={result['sigma']} (timing skipped)."]
+    batches = list(result.get("throughput", {}))
     header = "| engine | " + " | ".join(f"B={b} samples/s | x baseline | % bound" for b in batches) + " |"
-    lines += [header, "|---|" + "---|---|---|" * len(batches)]
-    names = list(result["throughput"][batches[0]])
+    if batches:
+        lines += [header, "|---|" + "---|---|---|" * len(batches)]
+    names = list(result["throughput"][batches[0]]) if batches else []
     for name in names:
         cells = []
         for b in batches:
@@ -254,11 +269,12 @@ def render(result: dict) -> str:
             cells.append(f"{row['samples_per_s']:,.0f} | {row['ratio_to_best_baseline']:.2f} | "
                          f"{100 * row['fraction_of_fp32_bound']:.0f}%")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "x baseline = ratio to the best baseline batch size. Noise generation alone (samples/s): " +
-              ", ".join(f"{k} {v:,.0f}" for k, v in result["noise_samples_per_s"].items())]
+    if batches:
+        lines += ["", "x baseline = ratio to the best baseline batch size. Noise generation alone (samples/s): " +
+                  ", ".join(f"{k} {v:,.0f}" for k, v in result["noise_samples_per_s"].items())]
     agreement = result["agreement"]
     if isinstance(agreement, dict):
-        lines += ["", f"Agreement with torch fp32 on {agreement['images']} CIFAR-10 test images "
+        lines += ["", f"Agreement with torch fp32 on {agreement['images']} {agreement['dataset']} test images "
                       f"(N0={agreement['N0']}, N={agreement['N']}, alpha={agreement['alpha']}):", "",
                   "| engine | certified prediction agreement | mean abs radius diff | radius within 0.05 | "
                   "certified acc. r=0 | abstain |", "|---|---|---|---|---|---|"]

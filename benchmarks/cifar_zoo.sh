@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 THREADS=${THREADS:-2}
-EPOCHS=${EPOCHS:-10}
+EPOCHS=${EPOCHS:-6}
 ZOO=experts/zoo
 if [ ! -f "$DATA/cifar10_train.npz" ]; then
   echo "skip: $DATA/cifar10_train.npz not found (set DATA=folder with cifar10_train.npz/cifar10_test.npz)" >&2
@@ -20,4 +20,55 @@ if [ "$stage" = experts ] || [ "$stage" = all ]; then
     dualrs-route train-expert --dataset cifar10 --data "$DATA" --sigma $s --arch cifar_resnet20 \
       --epochs "$EPOCHS" --batch 128 --lr 0.1 --seed 0 --threads "$THREADS" --out "$out"
   done
+fi
+# --- router labels and router (issue 4) ---
+# labels: each expert certified with N0 = 10, N = 100, alpha = 0.001 on the first LABEL_IMAGES training
+# images (CIFAR-10's training order is already shuffled), plus HOLDOUT_IMAGES held-out training images from
+# index 49,500 on for the routing diagnostics (never trained on, never test images). ~330 ResNet-20 forwards
+# per image: LABEL_IMAGES=2000 is about 30 min on 2 free cores (the paper: 20% = 10,000 images loses little).
+# The labels files are rewritten atomically after every chunk; re-running continues a killed run.
+LABEL_IMAGES=${LABEL_IMAGES:-2000}
+HOLDOUT_IMAGES=${HOLDOUT_IMAGES:-500}
+ROUTER_EPOCHS=${ROUTER_EPOCHS:-90}
+ROUTER_EXTRA=${ROUTER_EXTRA:-}   # e.g. "--temperature 0.1": extra train-router options (recorded in config.json)
+RUNS=runs/cifar10-router
+ROUTER=router/zoo/cifar10-router
+CIFAR_EXPERTS=(--expert $ZOO/cifar10-resnet20-sigma0.25 --expert $ZOO/cifar10-resnet20-sigma0.5
+               --expert $ZOO/cifar10-resnet20-sigma1.0)
+need_experts() {
+  for s in 0.25 0.5 1.0; do
+    if [ ! -f "$ZOO/cifar10-resnet20-sigma$s/config.json" ]; then
+      echo "error: $ZOO/cifar10-resnet20-sigma$s is not trained yet; run: bash benchmarks/cifar_zoo.sh experts" >&2
+      exit 1
+    fi
+  done
+}
+if [ "$stage" = labels ] || [ "$stage" = all ]; then
+  need_experts
+  mkdir -p "$RUNS"
+  dualrs-route labels "${CIFAR_EXPERTS[@]}" --dataset cifar10 --data "$DATA" --split train --max "$LABEL_IMAGES" \
+    --N0 10 --N 100 --alpha 0.001 --seed 0 --batch 400 --chunk 32 --threads "$THREADS" \
+    --out "$RUNS/labels-train-$LABEL_IMAGES.npz"
+  if [ "$HOLDOUT_IMAGES" -gt 0 ]; then
+    dualrs-route labels "${CIFAR_EXPERTS[@]}" --dataset cifar10 --data "$DATA" --split train --start 49500 \
+      --max "$HOLDOUT_IMAGES" --N0 10 --N 100 --alpha 0.001 --seed 0 --batch 400 --chunk 32 --threads "$THREADS" \
+      --out "$RUNS/labels-holdout-$HOLDOUT_IMAGES.npz"
+  fi
+fi
+if [ "$stage" = router ] || [ "$stage" = all ]; then
+  need_experts
+  if [ -f "$ROUTER/config.json" ]; then
+    echo "have $ROUTER"
+  else
+    labels="$RUNS/labels-train-$LABEL_IMAGES.npz"
+    if [ ! -f "$labels" ]; then echo "error: no $labels; run: bash benchmarks/cifar_zoo.sh labels" >&2; exit 1; fi
+    holdout=()
+    if [ -f "$RUNS/labels-holdout-$HOLDOUT_IMAGES.npz" ]; then holdout=(--holdout "$RUNS/labels-holdout-$HOLDOUT_IMAGES.npz"); fi
+    # sigma_e = 1.0 = the largest expert sigma (the paper's requirement); lambda, eta, AdamW lr/wd: the paper's values
+    # shellcheck disable=SC2086
+    dualrs-route train-router --labels "$labels" "${CIFAR_EXPERTS[@]}" --arch small_cnn \
+      --arch-args '{"channels": [32, 64, 128], "hidden": 128}' --sigma-e 1.0 --epochs "$ROUTER_EPOCHS" --batch 256 \
+      --lr 0.01 --weight-decay 0.01 --lambda 40 --eta 0.5 --seed 0 --threads "$THREADS" "${holdout[@]}" \
+      $ROUTER_EXTRA --out "$ROUTER"
+  fi
 fi

@@ -189,7 +189,8 @@ def load_labels(path: str | os.PathLike, *, require_complete: bool = False) -> L
     k = len(data["experts"])
     result = LabelSet(
         indices=data["indices"].astype(np.int64), labels=data["labels"].astype(np.int64),
-        radii=data["radii"].astype(np.float32).reshape(-1, k), predictions=data["predictions"].astype(np.int64).reshape(-1, k),
+        radii=data["radii"].astype(np.float32).reshape(-1, k),
+        predictions=data["predictions"].astype(np.int64).reshape(-1, k),
         p_lower=data["p_lower"].astype(np.float64).reshape(-1, k), experts=[str(e) for e in data["experts"]],
         references=[str(r) for r in data["references"]], sha256=[str(s) for s in data["sha256"]],
         sigmas=data["sigmas"].astype(np.float64), meta=meta,
@@ -255,7 +256,8 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
 
     log = log or (lambda message: None)
     if len(experts) < 2:
-        raise IncompatibleModelsError(f"router labels need at least two experts (--expert, repeated), got {len(experts)}")
+        raise IncompatibleModelsError(f"router labels need at least two experts (--expert, repeated), "
+                                      f"got {len(experts)}")
     check_expert_set(list(experts))
     n0, n = check_count(n0, "--N0"), check_count(n, "--N")
     alpha = check_alpha(alpha, "--alpha")
@@ -272,7 +274,8 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
     check_images(dataset, indices, cfg.input_shape)
     bad = indices[(dataset.labels[indices] < 0) | (dataset.labels[indices] >= cfg.num_classes)]
     if len(bad):
-        raise DataError(f"image {bad[0]} has label {dataset.labels[bad[0]]}, outside the experts' {cfg.num_classes} classes")
+        raise DataError(f"image {bad[0]} has label {dataset.labels[bad[0]]}, outside the experts' "
+                        f"{cfg.num_classes} classes")
     out = Path(out)
     if out.is_dir():
         raise DataError(f"--out {out} is a folder; give a .npz file name")
@@ -365,6 +368,7 @@ def label_summary(labels: LabelSet) -> dict:
         "images": int(len(radii)), "routable": int(keep.sum()), "dropped_all_zero": int((~keep).sum()),
         "best_expert_share": {labels.experts[j]: round(float(np.mean(best == j)), 4) if len(best) else 0.0
                               for j in range(k)},
-        "mean_radius": {labels.experts[j]: round(float(radii[:, j].mean()), 4) if len(radii) else 0.0 for j in range(k)},
+        "mean_radius": {labels.experts[j]: round(float(radii[:, j].mean()), 4) if len(radii) else 0.0
+                        for j in range(k)},
         "oracle_mean_radius": round(float(radii.max(axis=1).mean()), 4) if len(radii) else 0.0,
     }

@@ -4,9 +4,12 @@ Inputs: a labels file (:mod:`router.labels`: radii R [n, K] of K experts on n im
 the same K experts. Images whose radius is 0 for every expert are dropped. For each kept
 image x with radii R (pixel units):
 
-* soft labels  y_k = exp(R_k) / sum_j exp(R_j)                       (:func:`soft_labels`)
+* soft labels  y_k = exp(R_k / T) / sum_j exp(R_j / T)               (:func:`soft_labels`)
+  T = 1 (the default) is the paper's rule; a smaller T sharpens the labels, which matters
+  when the radii are small (pixel units) and so differ little.
 * best expert  b = argmax_k R_k (ties: lowest k); q_k = share of kept images with b = k;
-  class-balance weight w(x) = 1 / q_b                               (:func:`class_weights`)
+  class-balance weight w(x) = 1 / q_b (the paper's rule, the default), or 1 for every
+  image with ``balance=False``                                         (:func:`class_weights`)
 * M = 2 Gaussian copies x + delta_m, delta_m ~ N(0, sigma_e^2 I), fresh every step; router
   softmax p_m = softmax(f(x + delta_m)); mean prediction pbar = (1/M) sum_m p_m.
 * per-image loss (:func:`router_loss`)
@@ -197,10 +200,12 @@ def _check_images_match(labels: LabelSet, dataset, source: str) -> None:
 # --- training ---
 
 
-def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | None = None, arch_args: dict | None = None,
+def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | None = None,
+                 arch_args: dict | None = None,
                  sigma_e: float | None = None, epochs: int = 90, batch: int = 256, lr: float = 0.01,
                  weight_decay: float = 0.01, lam: float = DEFAULT_LAMBDA, eta: float = DEFAULT_ETA,
-                 temperature: float = 1.0, seed: int = 0, data: str | None = None, augment: bool | None = None, threads: int | None = None,
+                 temperature: float = 1.0, balance: bool = True, seed: int = 0, data: str | None = None,
+                 augment: bool | None = None, threads: int | None = None,
                  holdout: str | None = None, report_n: int = 100, overwrite: bool = False, command: str = "",
                  log: Callable[[str], None] | None = print) -> Path:
     """Train a router on ``labels`` for ``experts`` and write the router folder ``out``.
@@ -256,6 +261,8 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
     radii = label_set.radii[keep]
     best = best_expert(radii)
     weights, per_expert = class_weights(best, len(folders))
+    if not balance:
+        weights, per_expert = np.ones_like(weights), np.ones_like(per_expert)
     targets = soft_labels(radii, temperature)
     k_experts = len(folders)
     log(f"{len(images)} of {len(label_set.indices)} images routable; best-expert shares "
@@ -269,7 +276,8 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
     settings = {"labels_sha256": _file_sha256(labels), "experts": [[weights_hash(f), f.config.sigma] for f in folders],
                 "arch": arch, "arch_args": arch_args, "sigma_e": float(sigma_e), "epochs": int(epochs),
                 "batch": int(batch), "lr": float(lr), "weight_decay": float(weight_decay), "lambda": float(lam),
-                "eta": float(eta), "temperature": float(temperature), "seed": int(seed), "augment": augment, "copies": COPIES}
+                "eta": float(eta), "temperature": float(temperature), "class_balance": bool(balance), "seed": int(seed),
+                "augment": augment, "copies": COPIES}
     torch.manual_seed(seed)
     try:
         model = build_model(arch, num_classes=k_experts, input_shape=cfg0.input_shape, mean=cfg0.mean, std=cfg0.std,
@@ -341,7 +349,8 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
         "train_images": int(len(images)), "final": history[-1] if history else {}, "history": history,
     }
     refs = [portable_reference(f, out_dir) for f in folders]
-    config = ModelConfig(kind="router", sigma=float(sigma_e), num_classes=k_experts, input_shape=tuple(cfg0.input_shape),
+    config = ModelConfig(kind="router", sigma=float(sigma_e), num_classes=k_experts,
+                         input_shape=tuple(cfg0.input_shape),
                          mean=tuple(cfg0.mean), std=tuple(cfg0.std), architecture=arch, architecture_args=arch_args,
                          class_names=tuple(f.name for f in folders), experts=tuple(refs), name=out_dir.name,
                          extra={"training": record})
@@ -409,7 +418,8 @@ def routing_diagnostics(radii, choices) -> dict:
     return out
 
 
-def router_choices(counter, sigma_e: float, dataset, indices, *, n: int = 100, seed: int = 0, chunk: int = 256) -> np.ndarray:
+def router_choices(counter, sigma_e: float, dataset, indices, *, n: int = 100, seed: int = 0,
+                   chunk: int = 256) -> np.ndarray:
     """The smoothed router's most frequent expert on ``n`` noisy copies of each image (int64 [len(indices)]).
 
     Uses the ROUTER_PREDICT noise streams of ``seed``; no abstention (a diagnostic, not a certificate).
@@ -491,7 +501,8 @@ def bottleneck_report(path: str) -> dict:
     return {"rows": int(len(table.idx)), "both_certified": int(both), "router_abstained": int(router_abstain),
             "expert_abstained": int(expert_abstain),
             "router_bottleneck_share": round(float(np.mean(delta < 0)), 4) if both else None,
-            "delta_r_sigma_quantiles": quantiles(delta), "accuracy": round(float(correct.mean()), 4) if len(correct) else 0.0}
+            "delta_r_sigma_quantiles": quantiles(delta),
+            "accuracy": round(float(correct.mean()), 4) if len(correct) else 0.0}
 
 
 def format_report(report: dict) -> str:
@@ -502,10 +513,12 @@ def format_report(report: dict) -> str:
         lines.append(f"held-out routing: {routing.get('routable')} routable of {routing.get('images')} images")
         if "routing_accuracy" in routing:
             lines.append(f"  routing accuracy (choice attains R*): {100 * routing['routing_accuracy']:.1f}%  "
-                         f"mean R* {routing['mean_best_radius']:.3f}, mean routed R {routing['mean_routed_radius']:.3f}")
+                         f"mean R* {routing['mean_best_radius']:.3f}, "
+                         f"mean routed R {routing['mean_routed_radius']:.3f}")
             lines.append("  dR = R* - R_routed quantiles: " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                                       routing["delta_r_quantiles"].items()))
-            lines.append("  ECDF of dR: " + ", ".join(f"P[dR<={k}] {v:.3f}" for k, v in routing["delta_r_ecdf"].items()))
+            lines.append("  ECDF of dR: " + ", ".join(f"P[dR<={k}] {v:.3f}"
+                                                      for k, v in routing["delta_r_ecdf"].items()))
     bottleneck = report.get("bottleneck")
     if bottleneck:
         share = bottleneck["router_bottleneck_share"]

@@ -107,10 +107,11 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
 @click.option("--labels", "labels_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Labels file from `dualrs-route labels`.")
 @click.option("--expert", "experts", multiple=True, required=True, metavar="REF",
-              help="The labels file's experts, in the same order (checked by weight hash).")
+              help="The labels file's experts, in the same order (checked by weight hash and sigma).")
 @click.option("--arch", default=None, help="Router architecture (default: small_cnn).")
-@click.option("--arch-args", default=None, help="JSON dict of architecture arguments "
-                                                "(default for 32x32 inputs: {\"channels\": [32, 64, 128], \"hidden\": 128}).")
+@click.option("--arch-args", default=None,
+              help="JSON dict of architecture arguments (default for 32x32 inputs: "
+                   "{\"channels\": [32, 64, 128], \"hidden\": 128}).")
 @click.option("--sigma-e", "sigma_e", type=float, default=None,
               help="Router noise level sigma_e (default: the largest expert sigma).")
 @click.option("--epochs", type=click.IntRange(min=1), default=90, show_default=True)
@@ -119,6 +120,10 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
 @click.option("--weight-decay", type=float, default=0.01, show_default=True)
 @click.option("--lambda", "lam", type=float, default=40.0, show_default=True, help="Consistency (KL) weight.")
 @click.option("--eta", type=float, default=0.5, show_default=True, help="Entropy weight.")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Soft labels softmax(R / T); T = 1 is the paper's exp(R_k) rule, smaller T is sharper.")
+@click.option("--class-balance/--no-class-balance", "balance", default=True, show_default=True,
+              help="Weight each image by 1/q_k of its best expert k (the paper's rule).")
 @click.option("--augment/--no-augment", default=None, help="Random crop + flip (default: on for 32x32 RGB).")
 @click.option("--data", default=None, metavar="PATH", help="Data location (default: the one in the labels file).")
 @click.option("--holdout", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -131,7 +136,7 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
 @click.option("--force", is_flag=True, help="Replace an existing model folder.")
 @click.option("--quiet", is_flag=True)
 def train_router_command(labels_file, experts, arch, arch_args, sigma_e, epochs, batch, lr, weight_decay, lam, eta,
-                         augment, data, holdout, report_n, seed, threads, out, force, quiet):
+                         temperature, balance, augment, data, holdout, report_n, seed, threads, out, force, quiet):
     """Train a Dual RS router on a labels file and write a router folder.
 
     Soft labels softmax(R), class weights 1/q_k, and the consistency loss
@@ -145,6 +150,7 @@ def train_router_command(labels_file, experts, arch, arch_args, sigma_e, epochs,
     _positive_float("--weight-decay", weight_decay, allow_zero=True)
     _positive_float("--lambda", lam, allow_zero=True)
     _positive_float("--eta", eta, allow_zero=True)
+    _positive_float("--temperature", temperature)
     parsed = None
     if arch_args is not None:
         try:
@@ -154,7 +160,8 @@ def train_router_command(labels_file, experts, arch, arch_args, sigma_e, epochs,
         if not isinstance(parsed, dict):
             raise click.BadParameter("must be a JSON object", param_hint="--arch-args")
     path = train_router(labels=labels_file, experts=experts, out=out, arch=arch, arch_args=parsed, sigma_e=sigma_e,
-                        epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, lam=lam, eta=eta, seed=seed,
+                        epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, lam=lam, eta=eta,
+                        temperature=temperature, balance=balance, seed=seed,
                         data=data, augment=augment, threads=threads, holdout=holdout, report_n=report_n,
                         overwrite=force, command=_command_line(), log=None if quiet else click.echo)
     click.echo(f"wrote {path}")

@@ -73,7 +73,8 @@ def test_consistency_terms_2x2_by_hand():
 def test_consistency_terms_2x3_by_hand():
     p1, p2 = [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]
     pbar = [(a + b) / 2 for a, b in zip(p1, p2)]  # (0.3, 0.35, 0.35)
-    kl_expected = sum(m * math.log(m / a) for m, a in zip(pbar, p1)) / 2 + sum(m * math.log(m / b) for m, b in zip(pbar, p2)) / 2
+    kl_expected = (sum(m * math.log(m / a) for m, a in zip(pbar, p1))
+                   + sum(m * math.log(m / b) for m, b in zip(pbar, p2))) / 2
     h_expected = -sum(m * math.log(m) for m in pbar)
     kl, entropy = consistency_terms(_logits(p1, p2))
     assert kl.item() == pytest.approx(kl_expected, abs=1e-6)
@@ -243,6 +244,21 @@ def test_train_router_checks_experts_and_labels(tiny_labels):
     with pytest.warns(UserWarning, match="sigma-e"):
         train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "y"), arch="linear",
                      epochs=1, sigma_e=0.25, log=None)
+
+
+def test_train_router_records_temperature_and_unbalanced_weights(tiny_labels):
+    experts, labels, _, tmp = tiny_labels
+    path = train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "u"), arch="linear",
+                        epochs=1, temperature=0.1, balance=False, log=None)
+    record = json.loads((path / "config.json").read_text())["training"]
+    assert record["temperature"] == 0.1 and record["class_balance"] is False
+    assert set(record["class_weights"].values()) == {1.0}
+    balanced = train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "v"), arch="linear",
+                            epochs=1, log=None)
+    weights = json.loads((balanced / "config.json").read_text())["training"]["class_weights"]
+    best = np.argmax(load_labels(labels).radii[routable(load_labels(labels).radii)], axis=1)
+    share = np.bincount(best, minlength=2) / len(best)
+    assert list(weights.values()) == pytest.approx([1 / q if q else 0.0 for q in share], abs=1e-3)
 
 
 def test_train_router_refuses_all_zero_labels(tiny_labels):
