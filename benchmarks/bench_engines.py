@@ -9,8 +9,9 @@ changes hit all of them alike):
 
 * baseline: Cohen et al.'s loop (fp32 eager torch, ``x.repeat`` + ``randn_like``, Python counting);
 * torch engine fp32 and bf16 (:class:`experts.engine.TorchCounter`, keyed noise, channels_last);
-* ONNX Runtime fp32 (host torch noise, I/O binding), and the same without I/O binding and
-  with numpy noise (the torch-free path), to document the noise-source decision;
+* ONNX Runtime fp32 (host torch noise drawn in a prefetch thread, I/O binding), and the same
+  without I/O binding, without prefetch and with numpy noise (the torch-free path), to
+  document those decisions;
 * ONNX Runtime int8 (static QDQ, calibrated at the expert's sigma).
 
 Each row gets its ratio to the baseline and its fraction of the fp32 FLOP-bound limit
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -110,6 +110,8 @@ def build_engines(folder: Path, batch: int, threads: int):
         "onnxruntime fp32": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads),
         "onnxruntime fp32, no I/O binding": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
                                                          io_binding=False),
+        "onnxruntime fp32, no prefetch": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
+                                                      prefetch=False),
         "onnxruntime fp32, numpy noise": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
                                                       noise="numpy"),
         "onnxruntime int8": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,

@@ -204,11 +204,15 @@ def export_onnx(folder_or_ref, out_dir: str | os.PathLike | None = None, *, opse
     tmp = target / (ONNX_FILE + ".tmp")
     dummy = torch.rand((2, *cfg.input_shape))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-            torch.onnx.export(model, (dummy,), str(tmp), dynamo=False, export_params=True, opset_version=opset,
-                              do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+                torch.onnx.export(model, (dummy,), str(tmp), dynamo=False, export_params=True, opset_version=opset,
+                                  do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        except Exception as exc:  # the exporter raises many types (SymbolicValueError, RuntimeError, ...)
+            raise ModelFormatError(f"{folder.reference}: torch.onnx.export (opset {opset}) failed for architecture "
+                                   f"{cfg.architecture!r}: {' '.join(str(exc).split())[:300]}") from None
         _add_metadata(tmp, folder)
         if validate:
             validate_onnx(model, tmp, cfg.input_shape, cfg.sigma, images=images, atol=atol, rtol=rtol,

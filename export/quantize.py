@@ -115,8 +115,12 @@ def quantize_int8(folder_or_ref, *, images: np.ndarray | None = None, sigma: flo
         except Exception:  # pre-processing (BN folding, shape inference) only helps; quantize the raw graph
             prepared = source
         tmp = Path(work) / INT8_FILE
-        quantize_static(str(prepared), str(tmp), _NoisyReader(batches, INPUT_NAME), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        try:
+            quantize_static(str(prepared), str(tmp), _NoisyReader(batches, INPUT_NAME),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        except Exception as exc:  # onnxruntime.quantization raises plain Exceptions of many kinds
+            raise ModelFormatError(f"{folder.reference}: static int8 quantization of {source.name} failed: "
+                                   f"{' '.join(str(exc).split())[:300]}") from None
         os.replace(tmp, final)
     return final

@@ -17,10 +17,12 @@ Where the noise comes from (the decision, measured in ``benchmarks/RESULTS.md``)
   to every unseeded session in a process (see PLATFORM_NOTES), it cannot reproduce
   per-example keyed blocks, and host noise costs only a few percent of a step here.
 
-The batch is assembled in one preallocated float32 host buffer, many images' samples
+Batches are assembled in two preallocated float32 host buffers, many images' samples
 packed per forward pass (:func:`experts.engine.batch_segments`), and bound to the
 session with I/O binding (input and output bound to preallocated host memory, no
-per-batch allocations). Argmax and counting happen on the host.
+per-batch allocations). A worker thread draws batch i + 1's noise while ORT runs batch i
+(``prefetch``; ORT releases the GIL); each batch's contents are fixed by its keys, so this
+changes timing only. Argmax and counting happen on the host.
 
 Precision: ``fp32`` runs ``model.onnx``; ``int8`` runs ``model.int8.onnx`` (static QDQ,
 written by :func:`export.quantize.quantize_int8`); ``fp16`` only with the TensorRT
@@ -31,6 +33,7 @@ its sha256 and the precision are exposed for the run metadata.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -132,14 +135,17 @@ class OrtCounter:
     (pixels in [0, 1], normalisation inside) and output ``logits`` float32
     [batch, num_classes]. ``batch_size`` noisy samples run per forward pass (it does not
     change results). ``threads`` sets ORT's intra-op threads (default: ORT's choice).
-    ``provider``/``device``/``precision`` go to :func:`export.providers.choose_providers`.
+    ``prefetch`` draws the next batch's noise in a worker thread while ORT runs the current
+    one (same results, overlapped timing). ``provider``/``device``/``precision`` go to
+    :func:`export.providers.choose_providers`. One counter serves one thread at a time
+    (its buffers are reused between calls); use one counter per thread.
     """
 
     engine = "onnxruntime"
 
     def __init__(self, model_path: str | os.PathLike, *, num_classes: int, input_shape: Sequence[int],
                  device: str = "cpu", batch_size: int = 400, precision: str = "fp32", provider: str = "auto",
-                 threads: int | None = None, noise: str = "auto", io_binding: bool = True,
+                 threads: int | None = None, noise: str = "auto", io_binding: bool = True, prefetch: bool = True,
                  engine_cache_dir: str | os.PathLike | None = None):
         from experts.folders import sha256_file
 
@@ -171,6 +177,10 @@ class OrtCounter:
                 isinstance(d, int) and d != s for d, s in zip(declared[1:], self.input_shape)):
             raise ModelFormatError(f"{self.model_path}: input {self.input_name} has shape {declared} but the config "
                                    f"says [batch, {', '.join(map(str, self.input_shape))}]")
+        width = outputs[0].shape[-1] if outputs[0].shape else None
+        if isinstance(width, int) and width != self.num_classes:
+            raise ModelFormatError(f"{self.model_path}: output {outputs[0].name} has {width} classes but the config "
+                                   f"says num_classes={self.num_classes}")
         if isinstance(declared[0], int) and declared[0] != 1:
             raise ModelFormatError(f"{self.model_path}: the batch axis is fixed to {declared[0]}; re-export with "
                                    "`dualrs-route export REF --to onnx` (dynamic batch)")
@@ -180,14 +190,17 @@ class OrtCounter:
         self._fixed_batch = isinstance(declared[0], int)
         if self._fixed_batch:
             self.batch_size = 1
-        self._buffer = np.empty((self.batch_size, *self.input_shape), dtype=np.float32)
+        self.prefetch = bool(prefetch)
+        self._buffers = [np.empty((self.batch_size, *self.input_shape), dtype=np.float32)
+                         for _ in range(2 if self.prefetch else 1)]
         self._logits = np.empty((self.batch_size, self.num_classes), dtype=np.float32)
         self._binding = self.session.io_binding() if self.io_binding and self.plan.required == CPU else None
 
     def describe(self) -> dict:
         """What run metadata should record about this engine."""
         return {"engine": self.engine, "precision": self.precision, "model_file": self.model_path.name,
-                "model_sha256": self.model_sha256, "providers": self.providers, "noise": self.noise_source}
+                "model_sha256": self.model_sha256, "providers": self.providers, "noise": self.noise_source,
+                "prefetch": self.prefetch}
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 [b, num_classes] for a C-contiguous float32 batch [b, *input_shape], b <= batch_size.
@@ -220,18 +233,38 @@ class OrtCounter:
         xs = np.ascontiguousarray(validate_request(self, xs, sigma, n, keys))
         k = self.num_classes
         totals = np.zeros((len(xs), k), dtype=np.int64)
-        for segments in batch_segments(len(xs), n, self.batch_size):
-            size = sum(s1 - s0 for _, s0, s1 in segments)
-            batch = self._buffer[:size]
+        plan = list(batch_segments(len(xs), n, self.batch_size))
+
+        def fill(buffer, segments):
+            """Write the noisy inputs of ``segments`` into ``buffer``; return the filled view."""
+            batch = buffer[:sum(s1 - s0 for _, s0, s1 in segments)]
             offset = 0
             for image, s0, s1 in segments:
                 self._noise.add_noise(batch[offset:offset + s1 - s0], xs[image], sigma, keys[image], s0, s1)
                 offset += s1 - s0
+            return batch
+
+        def count(batch, segments):
             predictions = self.logits(batch).argmax(axis=1)
             offset = 0
             for image, s0, s1 in segments:
                 totals[image] += np.bincount(predictions[offset:offset + s1 - s0], minlength=k)[:k]
                 offset += s1 - s0
+
+        if not self.prefetch or len(plan) == 1:
+            for segments in plan:
+                count(fill(self._buffers[0], segments), segments)
+            return totals
+        # Double buffering: a worker thread draws batch i + 1's noise while ORT (which releases
+        # the GIL) runs batch i. Each batch's contents are fixed by its keys, so results are
+        # identical to the sequential loop; only the timing overlaps.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dualrs-noise") as pool:
+            pending = pool.submit(fill, self._buffers[0], plan[0])
+            for i, segments in enumerate(plan):
+                batch = pending.result()
+                if i + 1 < len(plan):
+                    pending = pool.submit(fill, self._buffers[(i + 1) % 2], plan[i + 1])
+                count(batch, segments)
         return totals
 
 
@@ -240,7 +273,7 @@ def make_counter(folder, *, engine: str = "onnxruntime", device: str = "cpu", ba
     """Counter for ``folder`` (a :class:`experts.folders.ModelFolder`) on ``engine``.
 
     ``onnxruntime``: :class:`OrtCounter` over ``model.onnx`` (``model.int8.onnx`` for int8);
-    options ``provider``, ``threads``, ``noise``, ``io_binding``, ``engine_cache_dir``.
+    options ``provider``, ``threads``, ``noise``, ``io_binding``, ``prefetch``, ``engine_cache_dir``.
     ``tensorrt``: a native TensorRT engine (:mod:`export.tensorrt_engine`), built from
     ``model.onnx`` on first use.
     """
@@ -251,11 +284,11 @@ def make_counter(folder, *, engine: str = "onnxruntime", device: str = "cpu", ba
         return make_tensorrt_counter(folder, device=device, batch_size=batch_size, precision=precision, **options)
     if engine != "onnxruntime":
         raise EngineUnavailableError(f"export.runtime serves engines onnxruntime and tensorrt, not {engine!r}")
-    unknown = set(options) - {"provider", "threads", "noise", "io_binding", "engine_cache_dir"}
+    unknown = set(options) - {"provider", "threads", "noise", "io_binding", "prefetch", "engine_cache_dir"}
     if unknown:
         raise ValueError(f"unknown ONNX Runtime option(s) {sorted(unknown)}; known: provider "
                          f"({'/'.join(PROVIDER_CHOICES)}), threads, noise ({'/'.join(NOISE_SOURCES)}), io_binding, "
-                         "engine_cache_dir")
+                         "prefetch, engine_cache_dir")
     path = model_file_for(folder.path, precision)
     if not path.is_file():
         how = "--to int8" if precision == "int8" else "--to onnx"

@@ -14,7 +14,7 @@ from experts.errors import EngineUnavailableError, ModelFormatError
 from experts.folders import load_folder, make_counter
 from experts.noise import NoiseKey, Stage
 from experts.smoothing import SmoothedClassifier
-from export.runtime import NumpyHostNoise, OrtCounter, TorchHostNoise
+from export.runtime import TorchHostNoise
 
 from conftest import TINY_CLASSES, TINY_SHAPE
 
@@ -102,13 +102,15 @@ def test_reproducible_and_independent_of_batching(exported_folder, noise):
     folder = load_folder(str(exported_folder))
     xs, n, keys = _images(3), 230, _keys(3)
 
-    def counts(batch_size):
-        counter = make_counter(folder, engine="onnxruntime", batch_size=batch_size, threads=1, noise=noise)
+    def counts(batch_size, prefetch=True):
+        counter = make_counter(folder, engine="onnxruntime", batch_size=batch_size, threads=1, noise=noise,
+                               prefetch=prefetch)
         return counter.counts_many(xs, SIGMA, n, keys=keys)
 
     reference = counts(100)
     assert np.array_equal(reference, counts(100))  # same seed, fresh session -> same counts
     assert np.array_equal(reference, counts(7))
+    assert np.array_equal(reference, counts(7, prefetch=False))  # the noise worker thread changes timing only
     assert np.array_equal(reference, counts(400))  # all three images packed into one batch
     single = make_counter(folder, engine="onnxruntime", batch_size=64, threads=1, noise=noise)
     one_by_one = np.stack([single.counts(x, SIGMA, n, key=k) for x, k in zip(xs, keys)])
@@ -219,3 +221,13 @@ print("ok", cert.prediction)
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("ok")
+
+
+def test_config_and_graph_disagreeing_on_classes_is_refused(folder_copy):
+    import json
+
+    config = json.loads((folder_copy / "config.json").read_text())
+    config["num_classes"] = TINY_CLASSES + 1
+    (folder_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match=f"has {TINY_CLASSES} classes but the config says"):
+        make_counter(load_folder(str(folder_copy)), engine="onnxruntime")
