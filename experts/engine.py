@@ -139,6 +139,11 @@ class TorchCounter:
     def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey) -> np.ndarray:
         return self.counts_many(np.asarray(x)[None], sigma, n, keys=[key])[0]
 
+    def describe(self) -> dict:
+        """What run metadata records about this engine (the noise stream depends on the device type)."""
+        return {"engine": self.engine, "precision": self.precision, "device": str(self.device),
+                "noise": f"torch-{self.device.type}"}
+
     def _fill_noise(self, out, key: NoiseKey, s0: int, s1: int) -> None:
         """Write samples [s0, s1) of stream ``key`` into ``out`` (float32 [s1 - s0, *shape])."""
         import torch

@@ -29,6 +29,7 @@ from .errors import EngineUnavailableError, ModelFormatError, ModelNotFoundError
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model.int8.onnx"
 KINDS = ("expert", "router")
 HUB_PREFIX = "hf://"
 BUILTIN_PREFIX = "builtin:"
@@ -307,7 +308,8 @@ def load_folder(reference: str, *, base_dir: str | os.PathLike | None = None, ex
     config = ModelConfig.from_dict(data, reference)
     if expected_kind is not None and config.kind != expected_kind:
         raise ModelFormatError(f"{reference}: expected a {expected_kind} folder but config.json says kind={config.kind!r}")
-    files = {name: sha256_file(path / name) for name in (SAFETENSORS_FILE, ONNX_FILE) if (path / name).is_file()}
+    files = {name: sha256_file(path / name) for name in (SAFETENSORS_FILE, ONNX_FILE, INT8_ONNX_FILE)
+             if (path / name).is_file()}
     if not files:
         raise ModelNotFoundError(f"{reference}: {path} has neither {SAFETENSORS_FILE} nor {ONNX_FILE}")
     return ModelFolder(reference=reference, path=path, config=config, revision=revision, files=files)
@@ -317,15 +319,18 @@ ENGINES = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def make_counter(folder: ModelFolder, *, engine: str = "auto", device: str = "cpu", batch_size: int = 400,
-                 precision: str = "fp32", **engine_options):
+                 precision: str = "fp32", threads: int | None = None, **engine_options):
     """Build the :class:`~experts.engine.NoisyCounter` that runs ``folder``'s network.
 
-    ``auto`` picks torch when ``model.safetensors`` is present, else ONNX Runtime.
+    ``auto`` picks ONNX Runtime for int8 or when there is no ``model.safetensors``, else torch.
+    ``threads`` sets ONNX Runtime's intra-op threads (torch's are process-wide: ``torch.set_num_threads``).
     """
     if engine not in ENGINES:
         raise EngineUnavailableError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "auto":
-        engine = "torch" if folder.has_torch_weights else "onnxruntime"
+        engine = "torch" if folder.has_torch_weights and precision != "int8" else "onnxruntime"
+    if engine == "onnxruntime" and threads is not None:
+        engine_options["threads"] = threads
     cfg = folder.config
     if engine == "torch":
         from .engine import TorchCounter

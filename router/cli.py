@@ -152,6 +152,7 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
     plan = plan_run(experts=experts, router=router, select=select, n0=n0 or 1, n=n, alpha=alpha,
                     alpha_router=alpha_router, router_n0=router_n0, router_n=router_n, seed=seed, engine=engine,
                     precision=precision, device=device, batch=batch, sigma=sigma)
+    plan.threads = threads
     if task == "predict" and plan.mode == "best-radius":
         raise click.UsageError("predict supports --router or a single --expert, not --select best-radius")
     for note in plan.notes:

@@ -49,6 +49,7 @@ class RunPlan:
     batch: int
     sigma_override: float | None = None
     notes: list[str] = field(default_factory=list)
+    threads: int | None = None
 
     def settings(self, dataset: Dataset, data: str | None, indices_desc: dict, command: str) -> dict:
         """What must match for a resumed run (batch size and threads deliberately excluded)."""
@@ -141,14 +142,17 @@ class Runner:
 
     def __init__(self, plan: RunPlan):
         self.plan = plan
-        options = dict(engine=plan.engine, device=plan.device, batch_size=plan.batch, precision=plan.precision)
+        options = dict(engine=plan.engine, device=plan.device, batch_size=plan.batch, precision=plan.precision,
+                       threads=plan.threads)
         self.experts: list[SmoothedClassifier] = [build_smoothed(f, **options) for f in plan.experts]
         if plan.sigma_override is not None:
             self.experts[0].sigma = plan.sigma_override
         self.dual = None
         if plan.router is not None:
             self.dual = DualCertifier(build_smoothed(plan.router, router=True, **options), self.experts)
-        self.engines = sorted({e.counter.engine for e in self.experts})
+        counters = ([self.dual.router.counter] if self.dual else []) + [e.counter for e in self.experts]
+        self.engines = [c.describe() if hasattr(c, "describe") else {"engine": c.engine, "precision": c.precision}
+                        for c in counters]
 
     def expert_label(self, k: int) -> str:
         return "-1:-" if k == ABSTAIN else f"{k}:{self.plan.experts[k].name}"
@@ -211,10 +215,11 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
                           f"{plan.experts[0].config.num_classes} classes")
     runner = Runner(plan)  # loads weights: corrupt or mismatched files fail here, before any output
     settings = plan.settings(dataset, data, {"skip": skip, "max": max_index}, task)
-    settings["engines"] = runner.engines
+    # The engine, precision and noise source change results; timing options (prefetch, I/O binding) do not.
+    settings["engines"] = [{k: e.get(k) for k in ("engine", "precision", "noise")} for e in runner.engines]
     metadata = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": command, "versions": versions(),
                 "models": [f.provenance() for f in ([plan.router] if plan.router else []) + plan.experts],
-                "certificate": plan.mode != "best-radius",
+                "engines": runner.engines, "certificate": plan.mode != "best-radius",
                 "guarantee": _guarantee(plan, task), "notes": plan.notes}
     columns = COLUMNS if task == "certify" else PREDICT_COLUMNS
     writer = ResultsWriter(out_path, settings=settings, metadata=metadata, columns=columns)
