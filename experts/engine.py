@@ -17,7 +17,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from .errors import EngineUnavailableError
-from .noise import BLOCK, NoiseKey, blocks_for
+from .noise import NoiseKey, fill_torch_noise
 from .stats import check_count, check_sigma
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -146,20 +146,7 @@ class TorchCounter:
 
     def _fill_noise(self, out, key: NoiseKey, s0: int, s1: int) -> None:
         """Write samples [s0, s1) of stream ``key`` into ``out`` (float32 [s1 - s0, *shape])."""
-        import torch
-
-        offset = 0
-        for block in blocks_for(s0, s1):
-            lo = max(s0, block * BLOCK) - block * BLOCK
-            hi = min(s1, (block + 1) * BLOCK) - block * BLOCK
-            self._generator.manual_seed(key.block_seed(block))
-            if lo == 0 and hi == BLOCK:
-                torch.randn(out[offset : offset + BLOCK].shape, generator=self._generator,
-                            device=self.device, out=out[offset : offset + BLOCK])
-            else:
-                full = torch.randn((BLOCK, *self.input_shape), generator=self._generator, device=self.device)
-                out[offset : offset + hi - lo].copy_(full[lo:hi])
-            offset += hi - lo
+        fill_torch_noise(out, self._generator, key, s0, s1)
 
     def logits(self, batch):
         """Logits of a float32 batch already on the device, in the engine's precision."""

@@ -77,3 +77,23 @@ def numpy_noise(key: NoiseKey, start: int, stop: int, shape: tuple[int, ...]) ->
     if not parts:
         return np.zeros((0, *shape), dtype=np.float32)
     return np.concatenate(parts, axis=0)
+
+
+def fill_torch_noise(out, generator, key: NoiseKey, s0: int, s1: int) -> None:
+    """Write samples [s0, s1) of the torch stream for ``key`` into ``out`` (float32 torch tensor
+    [s1 - s0, *shape] on the generator's device). Each block is re-seeded from ``key``, so a
+    sample's value does not depend on which call or batch draws it."""
+    import torch
+
+    offset = 0
+    for block in blocks_for(s0, s1):
+        lo = max(s0, block * BLOCK) - block * BLOCK
+        hi = min(s1, (block + 1) * BLOCK) - block * BLOCK
+        generator.manual_seed(key.block_seed(block))
+        if lo == 0 and hi == BLOCK:
+            target = out[offset:offset + BLOCK]
+            torch.randn(target.shape, generator=generator, device=out.device, out=target)
+        else:
+            full = torch.randn((BLOCK, *out.shape[1:]), generator=generator, device=out.device)
+            out[offset:offset + hi - lo].copy_(full[lo:hi])
+        offset += hi - lo

@@ -23,6 +23,24 @@ from .folders import ModelConfig, save_folder
 CHECKPOINT = "checkpoint.pt"
 
 
+def resume_checkpoint(path: Path, settings: dict, model, optimizer, scheduler, log) -> tuple[int, list]:
+    """Load ``path`` (our own tensors-only checkpoint, ``weights_only=True``) into the model,
+    optimizer and scheduler; return (epochs done, history). (0, []) when there is none.
+    Refuses a checkpoint written with other settings."""
+    import torch
+
+    if not path.is_file():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("settings") != settings:
+        raise DataError(f"{path} was written with other settings ({state.get('settings')}); delete it or repeat them")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log(f"resuming from {path} at epoch {int(state['epoch'])}")
+    return int(state["epoch"]), list(state["history"])
+
+
 def default_architecture(input_shape) -> tuple[str, dict]:
     if tuple(input_shape) == (3, 32, 32):
         return "cifar_resnet20", {}
@@ -117,17 +135,8 @@ def train_expert(*, dataset: str, data: str | None, sigma: float, arch: str | No
                                                     pct_start=0.15, anneal_strategy="cos")
     settings = {"dataset": dataset, "sigma": sigma, "arch": arch, "arch_args": arch_args, "epochs": epochs,
                 "batch": batch, "lr": lr, "weight_decay": weight_decay, "fraction": fraction, "seed": seed}
-    start_epoch, history = 0, []
     ckpt_path = out_dir / CHECKPOINT
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["settings"] != settings:
-            raise DataError(f"{ckpt_path} was written with other settings ({state['settings']}); delete it or repeat them")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        log(f"resuming from {ckpt_path} at epoch {start_epoch}")
+    start_epoch, history = resume_checkpoint(ckpt_path, settings, model, optimizer, scheduler, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     augment_images = tuple(train.input_shape) == (3, 32, 32)
     criterion = nn.CrossEntropyLoss()

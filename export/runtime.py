@@ -41,7 +41,7 @@ import numpy as np
 
 from experts.engine import batch_segments, validate_request
 from experts.errors import EngineUnavailableError, ModelFormatError
-from experts.noise import BLOCK, NoiseKey, blocks_for, numpy_block
+from experts.noise import BLOCK, NoiseKey, blocks_for, fill_torch_noise, numpy_block
 from experts.stats import check_count
 
 from .providers import CPU, PROVIDER_CHOICES, choose_providers, create_session
@@ -80,20 +80,9 @@ class TorchHostNoise:
 
     def add_noise(self, out: np.ndarray, x: np.ndarray, sigma: float, key: NoiseKey, s0: int, s1: int) -> None:
         """Write x + sigma * eps_s for samples s in [s0, s1) of stream ``key`` into ``out`` (float32 [s1 - s0, *shape])."""
-        torch = self.torch
-        view = torch.from_numpy(out)
-        offset = 0
-        for block in blocks_for(s0, s1):
-            lo = max(s0, block * BLOCK) - block * BLOCK
-            hi = min(s1, (block + 1) * BLOCK) - block * BLOCK
-            self.generator.manual_seed(key.block_seed(block))
-            if lo == 0 and hi == BLOCK:
-                torch.randn(view[offset:offset + BLOCK].shape, generator=self.generator, out=view[offset:offset + BLOCK])
-            else:
-                full = torch.randn((BLOCK, *self.shape), generator=self.generator)
-                view[offset:offset + hi - lo].copy_(full[lo:hi])
-            offset += hi - lo
-        view.mul_(sigma).add_(torch.from_numpy(x))
+        view = self.torch.from_numpy(out)
+        fill_torch_noise(view, self.generator, key, s0, s1)
+        view.mul_(sigma).add_(self.torch.from_numpy(x))
 
 
 class NumpyHostNoise:

@@ -25,8 +25,7 @@ from experts.errors import IncompatibleModelsError
 from experts.folders import ModelFolder, load_folder, make_counter
 from experts.noise import Stage
 from experts.smoothing import SmoothedClassifier
-from experts.stats import ABSTAIN, Certificate, check_alpha, top_two, predict_pvalue
-from experts.noise import NoiseKey
+from experts.stats import ABSTAIN, Certificate, check_alpha
 
 
 @dataclass(frozen=True)

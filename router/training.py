@@ -49,6 +49,7 @@ import numpy as np
 from experts.errors import DataError, IncompatibleModelsError
 from experts.folders import BUILTIN_PREFIX, HUB_PREFIX, ModelConfig, ModelFolder, load_folder, save_folder
 from experts.stats import check_sigma
+from experts.training import resume_checkpoint
 
 from .labels import LabelSet, best_expert, label_summary, load_labels, routable, weights_hash
 
@@ -286,18 +287,8 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
         raise ValueError(f"cannot build router architecture {arch!r} with {arch_args}: {exc}") from None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(epochs), gamma=0.5)
-    start_epoch, history = 0, []
     ckpt_path = out_dir / CHECKPOINT
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("settings") != settings:
-            raise DataError(f"{ckpt_path} was written with other settings ({state.get('settings')}); delete it or "
-                            "repeat them")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        log(f"resuming from {ckpt_path} at epoch {start_epoch}")
+    start_epoch, history = resume_checkpoint(ckpt_path, settings, model, optimizer, scheduler, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = math.ceil(len(images) / batch)
     weights_t = torch.from_numpy(weights)
