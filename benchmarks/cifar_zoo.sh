@@ -31,7 +31,7 @@ LABEL_IMAGES=${LABEL_IMAGES:-2000}
 HOLDOUT_IMAGES=${HOLDOUT_IMAGES:-500}
 ROUTER_EPOCHS=${ROUTER_EPOCHS:-90}
 ROUTER_EXTRA=${ROUTER_EXTRA:-}   # e.g. "--temperature 0.1": extra train-router options (recorded in config.json)
-RUNS=benchmarks/results/cifar10/labels   # committed (small files) so that a later session can resume
+RUNS=benchmarks/results/zoo-labels   # committed (small; radii, labels and indices only, no images) so a later session can resume
 ROUTER=router/zoo/cifar10-router
 CIFAR_EXPERTS=(--expert $ZOO/cifar10-resnet20-sigma0.25 --expert $ZOO/cifar10-resnet20-sigma0.5
                --expert $ZOO/cifar10-resnet20-sigma1.0)
