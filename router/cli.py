@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -31,6 +32,8 @@ class _Group(click.Group):
     """Turns library errors into clean messages (no tracebacks) for every sub-command."""
 
     def invoke(self, ctx):
+        if os.environ.get("DUALRS_ROUTE_DEBUG"):  # full tracebacks, for bug reports
+            return super().invoke(ctx)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("default")
