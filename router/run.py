@@ -117,16 +117,15 @@ def _load_router_quietly(reference: str):
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for module in ("dualrs_route_version", "numpy", "scipy", "torch", "onnxruntime", "huggingface_hub", "safetensors"):
-        if module == "dualrs_route_version":
-            try:
-                from importlib.metadata import version
+    """Versions of Python, the platform, this package and the libraries that shape results."""
+    from importlib.metadata import PackageNotFoundError, version
 
-                out["dualrs-route"] = version("dualrs-route")
-            except Exception:  # not installed as a distribution (running from a checkout)
-                out["dualrs-route"] = "checkout"
-            continue
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        out["dualrs-route"] = version("dualrs-route")
+    except PackageNotFoundError:  # running from a checkout that is not installed
+        out["dualrs-route"] = "checkout"
+    for module in ("numpy", "scipy", "torch", "onnxruntime", "huggingface_hub", "safetensors"):
         mod = sys.modules.get(module)
         if mod is None:
             try:
