@@ -8,7 +8,8 @@ Rows (noisy samples/s, medians over --repeats, engines timed round-robin so that
 changes hit all of them alike):
 
 * baseline: Cohen et al.'s loop (fp32 eager torch, ``x.repeat`` + ``randn_like``, Python counting);
-* torch engine fp32 and bf16 (:class:`experts.engine.TorchCounter`, keyed noise, channels_last);
+* torch engine fp32 and bf16 (:class:`experts.engine.TorchCounter`, keyed noise, channels_last),
+  eager and through ``torch.compile`` (``--compile``; compiled during the warm-up run);
 * ONNX Runtime fp32 (host torch noise drawn in a prefetch thread, I/O binding), and the same
   without I/O binding, without prefetch and with numpy noise (the torch-free path), to
   document those decisions;
@@ -107,6 +108,8 @@ def build_engines(folder: Path, batch: int, threads: int):
     counters = {
         "torch fp32": make_counter(f, engine="torch", batch_size=batch, precision="fp32"),
         "torch bf16": make_counter(f, engine="torch", batch_size=batch, precision="bf16"),
+        "torch fp32 compiled": make_counter(f, engine="torch", batch_size=batch, precision="fp32", compile=True),
+        "torch bf16 compiled": make_counter(f, engine="torch", batch_size=batch, precision="bf16", compile=True),
         "onnxruntime fp32": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads),
         "onnxruntime fp32, no I/O binding": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
                                                          io_binding=False),
@@ -149,6 +152,8 @@ def agreement(folder: Path, test, images: int, n0: int, n: int, batch: int, thre
     xs, labels = test.batch(indices), test.labels[indices]
     setups = {"torch fp32": dict(engine="torch", precision="fp32"),
               "torch bf16": dict(engine="torch", precision="bf16"),
+              "torch fp32 compiled": dict(engine="torch", precision="fp32", compile=True),
+              "torch bf16 compiled": dict(engine="torch", precision="bf16", compile=True),
               "onnxruntime fp32": dict(engine="onnxruntime", precision="fp32", threads=threads),
               "onnxruntime int8": dict(engine="onnxruntime", precision="int8", threads=threads)}
     certs = {}

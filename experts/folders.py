@@ -324,11 +324,16 @@ def make_counter(folder: ModelFolder, *, engine: str = "auto", device: str = "cp
 
     ``auto`` picks ONNX Runtime for int8 or when there is no ``model.safetensors``, else torch.
     ``threads`` sets ONNX Runtime's intra-op threads (torch's are process-wide: ``torch.set_num_threads``).
+    ``compile=True`` (torch engine only) runs the network through ``torch.compile``.
     """
     if engine not in ENGINES:
         raise EngineUnavailableError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "auto":
         engine = "torch" if folder.has_torch_weights and precision != "int8" else "onnxruntime"
+    compile_ = bool(engine_options.pop("compile", False))
+    if compile_ and engine != "torch":
+        raise EngineUnavailableError(f"--compile runs torch.compile and needs the torch engine, but {folder.reference} "
+                                     f"runs on {engine} here; pass --engine torch or drop --compile")
     if engine == "onnxruntime" and threads is not None:
         engine_options["threads"] = threads
     cfg = folder.config
@@ -338,7 +343,7 @@ def make_counter(folder: ModelFolder, *, engine: str = "auto", device: str = "cp
         model = folder.load_torch_model()
         _check_output_width(model, cfg, folder.reference)
         return TorchCounter(model, num_classes=cfg.num_classes, input_shape=cfg.input_shape, device=device,
-                            batch_size=batch_size, precision=precision, **engine_options)
+                            batch_size=batch_size, precision=precision, compile=compile_, **engine_options)
     try:
         from export import runtime
     except ImportError as exc:  # pragma: no cover - the export package ships with this one

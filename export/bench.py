@@ -26,8 +26,8 @@ import numpy as np
 from experts.errors import DualRSError
 from experts.noise import NoiseKey, Stage
 
-VALID_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32", "int8", "fp16"),
-                    "tensorrt": ("fp32", "fp16")}
+VALID_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "torch-compile": ("fp32", "bf16", "fp16"),
+                    "onnxruntime": ("fp32", "int8", "fp16"), "tensorrt": ("fp32", "fp16")}
 
 
 def median_seconds(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> tuple[float, list[float]]:
@@ -206,9 +206,12 @@ def run_bench(reference: str, *, engines: Sequence[str] = ("torch", "onnxruntime
             for role, f in models:
                 row = BenchRow(model=f.name, role=role, engine=engine, precision=precision, batch=int(batch))
                 options = {"threads": threads} if engine == "onnxruntime" and threads else {}
+                if engine == "torch-compile":  # the torch engine through torch.compile (`--compile`)
+                    options = {"compile": True}
                 try:
                     counters[(f.name, engine, precision, batch)] = make_counter(
-                        f, engine=engine, device=device, batch_size=int(batch), precision=precision, **options)
+                        f, engine=engine.split("-")[0], device=device, batch_size=int(batch), precision=precision,
+                        **options)
                 except (DualRSError, ValueError) as exc:
                     row.skipped = " ".join(str(exc).split())
                 rows.append(row)

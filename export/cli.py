@@ -121,7 +121,8 @@ def export_command(reference, target, out, copy_weights, opset, no_validate, fp1
 @click.command("bench")
 @click.argument("reference", metavar="REF")
 @click.option("--engine", "engines", default="torch,onnxruntime", show_default=True,
-              callback=_csv(str, ("torch", "onnxruntime", "tensorrt")), help="Comma-separated engines.")
+              callback=_csv(str, ("torch", "torch-compile", "onnxruntime", "tensorrt")),
+              help="Comma-separated engines; torch-compile is the torch engine with --compile.")
 @click.option("--precision", "precisions", default="fp32", show_default=True,
               callback=_csv(str, ("fp32", "bf16", "fp16", "int8")),
               help="Comma-separated precisions; pairs an engine cannot run are left out.")

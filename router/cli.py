@@ -118,6 +118,9 @@ def _model_options(f):
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default="fp32",
                      show_default=True, help="Precision the networks run in (certificates hold for that network)."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="torch/ORT intra-op threads."),
+        click.option("--compile", "compile_", is_flag=True,
+                     help="torch engine: run the networks through torch.compile (inductor; compiles once, tens of "
+                          "seconds; fastest CPU path with --precision bf16)."),
         click.option("--sigma", type=float, default=None,
                      help="Override a single expert's noise level (default: its config's sigma)."),
         click.option("--out", type=click.Path(dir_okay=False), default=None,
@@ -132,7 +135,7 @@ def _model_options(f):
 
 
 def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_index, n0, n, alpha, alpha_router,
-         router_n0, router_n, batch, seed, device, engine, precision, threads, sigma, out, fmt, quiet):
+         router_n0, router_n, batch, seed, device, engine, precision, threads, compile_, sigma, out, fmt, quiet):
     from experts.data import load_dataset
 
     from .results import read_results, summarize, format_markdown
@@ -156,6 +159,7 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
                     alpha_router=alpha_router, router_n0=router_n0, router_n=router_n, seed=seed, engine=engine,
                     precision=precision, device=device, batch=batch, sigma=sigma)
     plan.threads = threads
+    plan.compile = compile_
     if task == "predict" and plan.mode == "best-radius":
         raise click.UsageError("predict supports --router or a single --expert, not --select best-radius")
     for note in plan.notes:

@@ -201,6 +201,53 @@ def load_labels(path: str | os.PathLike, *, require_complete: bool = False) -> L
     return result
 
 
+MERGE_KEYS = ("dataset", "split", "N0", "N", "alpha", "label_rule")
+
+
+def merge_labels(sets: Sequence[LabelSet], sources: Sequence[str]) -> LabelSet:
+    """One label set from several complete files of the same experts, data set and label budget.
+
+    The files must hold disjoint images (e.g. ``--max 2000`` and ``--start 2000 --max 8000``);
+    the rows are sorted by image index. A single file is returned unchanged.
+    """
+    if len(sets) != len(sources) or not sets:
+        raise ValueError("merge_labels needs one source name per label set, and at least one set")
+    if len(sets) == 1:
+        return sets[0]
+    first, first_settings = sets[0], sets[0].meta.get("settings", {})
+    for other, source in zip(sets[1:], sources[1:]):
+        if other.sha256 != first.sha256 or not np.array_equal(other.sigmas, first.sigmas):
+            raise IncompatibleModelsError(f"{source} was made with other experts than {sources[0]} "
+                                          f"({other.experts} vs {first.experts}, compared by weight hash and sigma)")
+        settings = other.meta.get("settings", {})
+        diffs = [f"{k}: {first_settings.get(k)!r} vs {settings.get(k)!r}" for k in MERGE_KEYS
+                 if first_settings.get(k) != settings.get(k)]
+        if diffs:
+            raise DataError(f"{source} and {sources[0]} were labelled differently and cannot be merged: "
+                            + "; ".join(diffs))
+    indices = np.concatenate([s.indices for s in sets])
+    unique, counts = np.unique(indices, return_counts=True)
+    if len(unique) != len(indices):
+        raise DataError(f"the labels files overlap (image {int(unique[counts > 1][0])} is in more than one); "
+                        "merge files of disjoint images only")
+    order = np.argsort(indices, kind="stable")
+
+    def stack(name):
+        return np.concatenate([getattr(s, name) for s in sets])[order]
+
+    meta = json.loads(json.dumps(first.meta))
+    meta["settings"]["selection"] = {"merged": [s.meta.get("settings", {}).get("selection") for s in sets]}
+    meta["settings"]["images"] = int(len(indices))
+    meta.update(done=int(len(indices)), total=int(len(indices)), complete=all(s.complete for s in sets),
+                seconds=float(sum(s.meta.get("seconds", 0.0) for s in sets)),
+                merged_from=[{"file": str(src), "images": int(len(s.indices)), "command": s.meta.get("command")}
+                             for s, src in zip(sets, sources)])
+    return LabelSet(indices=stack("indices"), labels=stack("labels"), radii=stack("radii"),
+                    predictions=stack("predictions"), p_lower=stack("p_lower"), experts=list(first.experts),
+                    references=list(first.references), sha256=list(first.sha256), sigmas=first.sigmas.copy(),
+                    meta=meta)
+
+
 def weights_hash(folder: ModelFolder) -> str:
     """The sha256 that identifies an expert's network (safetensors if present, else ONNX)."""
     return folder.files.get("model.safetensors") or next(iter(folder.files.values()))
@@ -239,7 +286,8 @@ def _diff(old: dict, new: dict) -> list[str]:
 def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Sequence[int], *, out: str | os.PathLike,
                    n0: int = DEFAULT_N0, n: int = DEFAULT_N, alpha: float = DEFAULT_ALPHA, seed: int = 0,
                    batch: int = 400, chunk: int = DEFAULT_CHUNK, engine: str = "auto", device: str = "cpu",
-                   precision: str = "fp32", data: str | None = None, selection: dict | None = None,
+                   precision: str = "fp32", compile: bool = False, data: str | None = None,
+                   selection: dict | None = None,
                    command: str = "", progress: Callable[[int], None] | None = None,
                    log: Callable[[str], None] | None = None, counters: Sequence | None = None) -> LabelSet:
     """Certify every image of ``indices`` with every expert and write the labels file ``out``.
@@ -289,6 +337,8 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
         "noise": "common random numbers across experts: NoiseKey(seed, index, LABEL_SELECT / LABEL_ESTIMATE)",
         "label_rule": "radius of Cohen's CERTIFY if the certified class is the true label, else 0",
     }
+    if compile:
+        settings["compiled"] = True  # torch.compile: other kernels than eager torch
     k_experts = len(experts)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if out.exists():
@@ -320,8 +370,8 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
     if counters is None:
         from experts.folders import make_counter
 
-        counters = [make_counter(f, engine=engine, device=device, batch_size=batch, precision=precision)
-                    for f in experts]
+        counters = [make_counter(f, engine=engine, device=device, batch_size=batch, precision=precision,
+                                 **({"compile": True} if compile else {})) for f in experts]
     sigmas = [f.config.sigma for f in experts]
     if done == 0:
         save_labels(out, state)  # claim the file before the long part starts

@@ -50,6 +50,7 @@ class RunPlan:
     sigma_override: float | None = None
     notes: list[str] = field(default_factory=list)
     threads: int | None = None
+    compile: bool = False
 
     def settings(self, dataset: Dataset, data: str | None, indices_desc: dict, command: str) -> dict:
         """What must match for a resumed run (batch size and threads deliberately excluded)."""
@@ -142,7 +143,7 @@ class Runner:
     def __init__(self, plan: RunPlan):
         self.plan = plan
         options = dict(engine=plan.engine, device=plan.device, batch_size=plan.batch, precision=plan.precision,
-                       threads=plan.threads)
+                       threads=plan.threads, compile=plan.compile)
         self.experts: list[SmoothedClassifier] = [build_smoothed(f, **options) for f in plan.experts]
         if plan.sigma_override is not None:
             self.experts[0].sigma = plan.sigma_override
@@ -215,7 +216,10 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
     runner = Runner(plan)  # loads weights: corrupt or mismatched files fail here, before any output
     settings = plan.settings(dataset, data, {"skip": skip, "max": max_index}, task)
     # The engine, precision and noise source change results; timing options (prefetch, I/O binding) do not.
-    settings["engines"] = [{k: e.get(k) for k in ("engine", "precision", "noise")} for e in runner.engines]
+    # torch.compile runs other kernels than eager torch (like a precision change), so it counts too.
+    # (recorded only when on, so results of earlier versions still resume)
+    settings["engines"] = [{**{k: e.get(k) for k in ("engine", "precision", "noise")},
+                            **({"compiled": True} if e.get("compiled") else {})} for e in runner.engines]
     metadata = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": command, "versions": versions(),
                 "models": [f.provenance() for f in ([plan.router] if plan.router else []) + plan.experts],
                 "engines": runner.engines, "certificate": plan.mode != "best-radius",

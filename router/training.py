@@ -51,7 +51,7 @@ from experts.folders import BUILTIN_PREFIX, HUB_PREFIX, ModelConfig, ModelFolder
 from experts.stats import check_sigma
 from experts.training import resume_checkpoint
 
-from .labels import LabelSet, best_expert, label_summary, load_labels, routable, weights_hash
+from .labels import LabelSet, best_expert, label_summary, load_labels, merge_labels, routable, weights_hash
 
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_LAMBDA = 40.0
@@ -201,8 +201,8 @@ def _check_images_match(labels: LabelSet, dataset, source: str) -> None:
 # --- training ---
 
 
-def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | None = None,
-                 arch_args: dict | None = None,
+def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: str, arch: str | None = None,
+                 arch_args: dict | None = None, init: str | None = None,
                  sigma_e: float | None = None, epochs: int = 90, batch: int = 256, lr: float = 0.01,
                  weight_decay: float = 0.01, lam: float = DEFAULT_LAMBDA, eta: float = DEFAULT_ETA,
                  temperature: float = 1.0, balance: bool = True, seed: int = 0, data: str | None = None,
@@ -210,6 +210,11 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
                  holdout: str | None = None, report_n: int = 100, overwrite: bool = False, command: str = "",
                  log: Callable[[str], None] | None = print) -> Path:
     """Train a router on ``labels`` for ``experts`` and write the router folder ``out``.
+
+    ``labels`` is one labels file or several of disjoint images (merged by
+    :func:`router.labels.merge_labels`). ``init`` (a model folder reference) starts the
+    router from that model's weights - every tensor but the final layer, whose width
+    differs (see :func:`init_from_folder`); the architecture defaults to the init model's.
 
     ``sigma_e`` defaults to the largest expert sigma (Dual RS asks for sigma_e >= max sigma_k;
     smaller values are allowed with a warning). With ``holdout`` (a labels file of other
@@ -235,7 +240,11 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
             raise ValueError(f"{name} must be a finite number {'> 0' if name == '--lr' else '>= 0'}, got {value}")
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
-    label_set = load_labels(labels, require_complete=True)
+    label_files = [str(labels)] if isinstance(labels, (str, os.PathLike)) else [str(f) for f in labels]
+    if not label_files:
+        raise ValueError("no labels file given")
+    label_set = merge_labels([load_labels(f, require_complete=True) for f in label_files], label_files)
+    init_folder = load_folder(init) if init else None
     folders = [load_folder(ref, expected_kind="expert") for ref in experts]
     check_expert_set(folders)
     match_experts(label_set, folders)
@@ -250,7 +259,7 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
     if threads:
         torch.set_num_threads(threads)
     dataset = _dataset_of(label_set, data)
-    _check_images_match(label_set, dataset, str(labels))
+    _check_images_match(label_set, dataset, ", ".join(label_files))
     cfg0 = folders[0].config
     if tuple(dataset.input_shape) != tuple(cfg0.input_shape):
         raise DataError(f"images have shape {list(dataset.input_shape)} but the experts take {list(cfg0.input_shape)}")
@@ -270,21 +279,29 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
         + ", ".join(f"{f.name} {100 * float(np.mean(best == k)):.1f}%" for k, f in enumerate(folders)))
 
     default_name, default_args = default_router_architecture(cfg0.input_shape)
+    if init_folder is not None and arch is None:
+        default_name, default_args = init_folder.config.architecture, dict(init_folder.config.architecture_args)
     arch = arch or default_name
     arch_args = dict(default_args if arch == default_name else {}, **(arch_args or {}))
     batch = min(int(batch), len(images))
     augment = tuple(cfg0.input_shape) == (3, 32, 32) if augment is None else bool(augment)
-    settings = {"labels_sha256": _file_sha256(labels), "experts": [[weights_hash(f), f.config.sigma] for f in folders],
+    settings = {"labels_sha256": _file_sha256(label_files[0]) if len(label_files) == 1 else
+                [_file_sha256(f) for f in label_files], "experts": [[weights_hash(f), f.config.sigma] for f in folders],
                 "arch": arch, "arch_args": arch_args, "sigma_e": float(sigma_e), "epochs": int(epochs),
                 "batch": int(batch), "lr": float(lr), "weight_decay": float(weight_decay), "lambda": float(lam),
                 "eta": float(eta), "temperature": float(temperature), "class_balance": bool(balance), "seed": int(seed),
                 "augment": augment, "copies": COPIES}
+    if init_folder is not None:
+        settings["init"] = {"reference": init_folder.reference, "sha256": weights_hash(init_folder)}
     torch.manual_seed(seed)
     try:
         model = build_model(arch, num_classes=k_experts, input_shape=cfg0.input_shape, mean=cfg0.mean, std=cfg0.std,
                             **arch_args)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"cannot build router architecture {arch!r} with {arch_args}: {exc}") from None
+    if init_folder is not None:
+        fresh = init_from_folder(model, init_folder)
+        log(f"initialised from {init_folder.reference}; new (random) tensors: {', '.join(fresh) or 'none'}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(epochs), gamma=0.5)
     ckpt_path = out_dir / CHECKPOINT
@@ -332,7 +349,8 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
         "recipe": "Dual RS router (Sun, Mao and Vechev 2026): softmax-of-radii soft labels, 1/q_k class weights, "
                   "consistency loss (Jeong and Shin 2020) over 2 Gaussian copies at sigma_e; AdamW, lr halved at 1/3 "
                   "and 2/3 of the epochs",
-        "labels": {"file": str(labels), "sha256": settings["labels_sha256"], **label_summary(label_set),
+        "labels": {"file": label_files[0] if len(label_files) == 1 else label_files,
+                   "sha256": settings["labels_sha256"], **label_summary(label_set),
                    "settings": {k: label_set.meta.get("settings", {}).get(k)
                                 for k in ("dataset", "split", "selection", "images", "N0", "N", "alpha", "seed")}},
         **{k: v for k, v in settings.items() if k not in ("labels_sha256", "experts")},
@@ -357,6 +375,27 @@ def train_router(*, labels: str, experts: Sequence[str], out: str, arch: str | N
         save_folder(out_dir, config, None, overwrite=True)
     ckpt_path.unlink(missing_ok=True)
     return out_dir
+
+
+def init_from_folder(model, folder: ModelFolder) -> list[str]:
+    """Copy ``folder``'s weights into ``model`` wherever name and shape agree; return the names left fresh.
+
+    Meant for starting a router from an expert of the same architecture: only tensors
+    whose shape differs (the final layer, K router classes vs the expert's classes) stay
+    random. Anything else missing, extra or mismatched - a different architecture - is an
+    IncompatibleModelsError, as is a folder without torch weights.
+    """
+    source = folder.load_torch_model().state_dict()
+    target = model.state_dict()
+    fresh = [k for k in target if k in source and source[k].shape != target[k].shape]
+    problems = sorted(set(target) ^ set(source))
+    if problems or len(fresh) > 2:
+        raise IncompatibleModelsError(
+            f"--init {folder.reference}: architecture {folder.config.architecture!r} "
+            f"{folder.config.architecture_args} does not match the router's (differing tensors: "
+            f"{(problems + fresh)[:6]}); pass the same --arch/--arch-args or none")
+    model.load_state_dict({k: (target[k] if k in fresh else source[k]) for k in target})
+    return fresh
 
 
 def _file_sha256(path) -> str:

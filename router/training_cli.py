@@ -58,10 +58,12 @@ def _positive_float(name: str, value: float | None, *, allow_zero: bool = False)
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch engine: run the experts through torch.compile (fastest CPU path with --precision bf16).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Labels file (.npz) to write or resume.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, fraction, start, batch, chunk, seed, device,
-                   engine, precision, threads, out, quiet):
+                   engine, precision, threads, compile_, out, quiet):
     """Router labels: certify every image with every expert on a cheap budget.
 
     For each image and expert k: Cohen's CERTIFY with N0/N samples gives R_k, set to 0 when the
@@ -92,11 +94,13 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
     if bar is not None:
         with bar:
             result = compute_labels(folders, ds, indices, out=out, n0=n0, n=n, alpha=alpha, seed=seed, batch=batch,
-                                    chunk=chunk, engine=engine, device=device, precision=precision, data=data,
+                                    chunk=chunk, engine=engine, device=device, precision=precision,
+                                    compile=compile_, data=data,
                                     selection=selection, command=_command_line(), progress=bar.update, log=log)
     else:
         result = compute_labels(folders, ds, indices, out=out, n0=n0, n=n, alpha=alpha, seed=seed, batch=batch,
-                                chunk=chunk, engine=engine, device=device, precision=precision, data=data,
+                                chunk=chunk, engine=engine, device=device, precision=precision, compile=compile_,
+                                data=data,
                                 selection=selection, command=_command_line(), log=log)
     summary = label_summary(result)
     click.echo(json.dumps(summary, indent=2))
@@ -104,14 +108,17 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
 
 
 @click.command("train-router")
-@click.option("--labels", "labels_file", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Labels file from `dualrs-route labels`.")
+@click.option("--labels", "labels_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Labels file from `dualrs-route labels`; repeat to train on several files of disjoint images.")
 @click.option("--expert", "experts", multiple=True, required=True, metavar="REF",
               help="The labels file's experts, in the same order (checked by weight hash and sigma).")
 @click.option("--arch", default=None, help="Router architecture (default: small_cnn).")
 @click.option("--arch-args", default=None,
               help="JSON dict of architecture arguments (default for 32x32 inputs: "
                    "{\"channels\": [32, 64, 128], \"hidden\": 128}).")
+@click.option("--init", default=None, metavar="REF",
+              help="Start from this model's weights (e.g. the largest-sigma expert): every layer but the last; "
+                   "--arch defaults to its architecture.")
 @click.option("--sigma-e", "sigma_e", type=float, default=None,
               help="Router noise level sigma_e (default: the largest expert sigma).")
 @click.option("--epochs", type=click.IntRange(min=1), default=90, show_default=True)
@@ -135,7 +142,7 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Router folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing model folder.")
 @click.option("--quiet", is_flag=True)
-def train_router_command(labels_file, experts, arch, arch_args, sigma_e, epochs, batch, lr, weight_decay, lam, eta,
+def train_router_command(labels_files, experts, arch, arch_args, init, sigma_e, epochs, batch, lr, weight_decay, lam, eta,
                          temperature, balance, augment, data, holdout, report_n, seed, threads, out, force, quiet):
     """Train a Dual RS router on a labels file and write a router folder.
 
@@ -159,7 +166,8 @@ def train_router_command(labels_file, experts, arch, arch_args, sigma_e, epochs,
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--arch-args") from None
         if not isinstance(parsed, dict):
             raise click.BadParameter("must be a JSON object", param_hint="--arch-args")
-    path = train_router(labels=labels_file, experts=experts, out=out, arch=arch, arch_args=parsed, sigma_e=sigma_e,
+    path = train_router(labels=list(labels_files), experts=experts, out=out, arch=arch, arch_args=parsed, init=init,
+                        sigma_e=sigma_e,
                         epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, lam=lam, eta=eta,
                         temperature=temperature, balance=balance, seed=seed,
                         data=data, augment=augment, threads=threads, holdout=holdout, report_n=report_n,

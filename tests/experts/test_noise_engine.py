@@ -239,3 +239,42 @@ def test_predict_abstains_on_a_coin_flip_and_predicts_a_sure_class():
     sure = SmoothedClassifier(counter(weight=w, bias=np.array([0.0, 5.0], np.float32)), 0.5)
     prediction, counts = sure.predict(x_edge, n=200, alpha=0.001)
     assert prediction == 1 and counts.sum() == 200
+
+
+def _have_compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.slow  # a cold inductor compile takes ~30-120 s on 2 cores
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile (inductor, CPU) needs a C++ compiler")
+def test_compiled_counter_counts_like_eager_and_keeps_one_shape(tmp_path, monkeypatch):
+    """``compile=True``: same counts as eager on a linear model, partial batches padded (no recompile)."""
+    import torch
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    x = RNG.uniform(size=(3, *SHAPE)).astype(np.float32)
+    keys = [NoiseKey(4, i, Stage.EXPERT_ESTIMATE) for i in range(3)]
+    eager = counter(64).counts_many(x, 0.5, 150, keys=keys)
+    compiled = TorchCounter(linear_model(W3, B3, SHAPE), num_classes=3, input_shape=SHAPE, batch_size=64,
+                            compile=True)
+    shapes = []
+    forward = compiled._forward
+    compiled._forward = lambda batch: (shapes.append(tuple(batch.shape)), forward(batch))[1]
+    got = compiled.counts_many(x, 0.5, 150, keys=keys)  # 450 samples: 7 full batches of 64 and one of 2
+    # argmax over logits that agree to float rounding: a different kernel may flip an exact near-tie only
+    assert np.abs(got - eager).sum() <= 2 and np.all(got.sum(axis=1) == 150)
+    assert set(shapes) == {(64, *SHAPE)} and len(shapes) == 8
+    assert compiled.describe()["compiled"] is True and counter(64).describe()["compiled"] is False
+
+
+def test_compile_needs_the_torch_engine(tmp_path):
+    from experts.folders import load_folder, make_counter
+    from rs_oracle import write_linear_folder
+
+    folder = load_folder(str(write_linear_folder(tmp_path / "lin", weight=W3, bias=B3, sigma=0.5,
+                                                 input_shape=SHAPE)))
+    with pytest.raises(EngineUnavailableError, match="needs the torch engine"):
+        make_counter(folder, engine="onnxruntime", compile=True)
+    assert make_counter(folder, engine="torch", compile=True).compiled

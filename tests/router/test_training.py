@@ -297,3 +297,81 @@ def test_train_router_and_report_cli(tiny_labels):
     assert parsed["routing"]["images"] == 20 and 0.0 <= parsed["routing"]["routing_accuracy"] <= 1.0
     none = CliRunner().invoke(main, ["router-report"])
     assert none.exit_code == 2
+
+
+# --- several labels files, and starting from an expert's weights ---
+
+
+def test_merged_label_files_equal_one_file_of_the_same_images(tiny_labels):
+    from router.labels import merge_labels
+
+    experts, labels, _, tmp = tiny_labels
+    folders = [load_folder(str(e)) for e in experts]
+    ds = load_dataset(f"npz:{tmp / 'data.npz'}", split="train")
+    # noise is keyed by image index, so labelling 0..39 in two files gives the same radii as one file
+    compute_labels(folders, ds, np.arange(25, 40), out=tmp / "b.npz", n0=10, n=50, seed=0)
+    compute_labels(folders, ds, np.arange(0, 25), out=tmp / "a.npz", n0=10, n=50, seed=0)
+    whole = load_labels(labels)
+    merged = merge_labels([load_labels(tmp / "b.npz"), load_labels(tmp / "a.npz")], ["b.npz", "a.npz"])
+    assert np.array_equal(merged.indices, whole.indices)
+    for name in ("labels", "radii", "predictions", "p_lower"):
+        assert np.array_equal(getattr(merged, name), getattr(whole, name)), name
+    assert merged.complete and [m["images"] for m in merged.meta["merged_from"]] == [15, 25]
+    with pytest.raises(DataError, match="overlap"):
+        merge_labels([load_labels(labels), load_labels(tmp / "a.npz")], ["whole", "a"])
+    compute_labels(folders, ds, np.arange(0, 25), out=tmp / "a200.npz", n0=10, n=200, seed=0)
+    with pytest.raises(DataError, match="N: 50 vs 200"):
+        merge_labels([load_labels(tmp / "b.npz"), load_labels(tmp / "a200.npz")], ["b", "a200"])
+    other = write_linear_folder(tmp / "zoo" / "other", weight=np.ones((3, 16), np.float32), bias=np.zeros(3),
+                                sigma=0.25, input_shape=(1, 4, 4))
+    compute_labels([load_folder(str(other)), folders[1]], ds, np.arange(0, 25), out=tmp / "ao.npz", n0=10, n=50)
+    with pytest.raises(IncompatibleModelsError, match="other experts"):
+        merge_labels([load_labels(tmp / "b.npz"), load_labels(tmp / "ao.npz")], ["b", "ao"])
+    # training on the two files is training on the one file
+    common = dict(experts=[str(e) for e in experts], arch="linear", epochs=2, batch=16, seed=1, log=None)
+    one = train_router(labels=str(labels), out=str(tmp / "one"), **common)
+    two = train_router(labels=[str(tmp / "a.npz"), str(tmp / "b.npz")], out=str(tmp / "two"), **common)
+    w1, w2 = _weights(one), _weights(two)
+    assert all(np.array_equal(w1[k], w2[k]) for k in w1)
+    record = json.loads((two / "config.json").read_text())["training"]
+    assert record["labels"]["file"] == [str(tmp / "a.npz"), str(tmp / "b.npz")] and record["train_images"] == int(routable(load_labels(labels).radii).sum())
+
+
+def _small_cnn_expert(path, channels, sigma=0.5, seed=0):
+    from experts.architectures import build_model
+    from experts.folders import ModelConfig, save_folder
+
+    torch.manual_seed(seed)
+    args = {"channels": channels, "hidden": 8}
+    model = build_model("small_cnn", num_classes=3, input_shape=(1, 4, 4), mean=[0.0], std=[1.0], **args)
+    config = ModelConfig(kind="expert", sigma=sigma, num_classes=3, input_shape=(1, 4, 4), mean=(0.0,), std=(1.0,),
+                         architecture="small_cnn", architecture_args=args)
+    return save_folder(path, config, model)
+
+
+def test_train_router_init_copies_every_layer_but_the_last(tiny_labels):
+    experts, labels, _, tmp = tiny_labels
+    source = _small_cnn_expert(tmp / "cnn-expert", [4])
+    messages = []
+    # one epoch at a tiny learning rate: the copied layers stay close to the source, the new head does not
+    path = train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "init"),
+                        init=str(source), epochs=1, batch=64, lr=1e-9, weight_decay=0.0, log=messages.append)
+    config = json.loads((path / "config.json").read_text())
+    assert config["architecture"] == "small_cnn" and config["architecture_args"]["channels"] == [4]
+    assert config["training"]["init"]["reference"] == str(source)
+    src, got = _weights(source), _weights(path)
+    head = [k for k in got if got[k].shape != src[k].shape]
+    assert len(head) == 2 and all(got[k].shape[0] == 2 for k in head)  # K = 2 router classes
+    logged = [m.split("new (random) tensors: ")[1] for m in messages if "new (random) tensors: " in m]
+    assert len(logged) == 1 and set(logged[0].split(", ")) == set(head)
+    for k in got:  # parameters; batch-norm running statistics move with the training forward passes
+        if k not in head and k.endswith(("weight", "bias")):
+            assert np.allclose(got[k], src[k], atol=1e-6), k
+    fresh = train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "noinit"),
+                         arch="small_cnn", arch_args={"channels": [4], "hidden": 8}, epochs=1, batch=64, lr=1e-9,
+                         weight_decay=0.0, log=None)
+    first = next(k for k in src if k not in head)
+    assert not np.allclose(_weights(fresh)[first], src[first])  # without --init the weights are random
+    with pytest.raises(IncompatibleModelsError, match="does not match the router"):
+        train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "bad"), init=str(source),
+                     arch="small_cnn", arch_args={"channels": [6], "hidden": 8}, epochs=1, log=None)
