@@ -32,7 +32,7 @@ fi
 LABEL_IMAGES=${LABEL_IMAGES:-2000}
 MORE_IMAGES=${MORE_IMAGES:-8000}
 HOLDOUT_IMAGES=${HOLDOUT_IMAGES:-500}
-ROUTER_EPOCHS=${ROUTER_EPOCHS:-90}
+ROUTER_EPOCHS=${ROUTER_EPOCHS:-10}
 ROUTER_EXTRA=${ROUTER_EXTRA:-}   # e.g. "--temperature 0.1": extra train-router options (recorded in config.json)
 RUNS=benchmarks/results/zoo-labels   # committed (small; radii, labels and indices only, no images) so a later session can resume
 ROUTER=router/zoo/cifar10-router
@@ -68,15 +68,22 @@ if [ "$stage" = router ] || [ "$stage" = all ]; then
   if [ -f "$ROUTER/config.json" ]; then
     echo "have $ROUTER"
   else
-    labels="$RUNS/labels-train-$LABEL_IMAGES.npz"
-    if [ ! -f "$labels" ]; then echo "error: no $labels; run: bash benchmarks/cifar_zoo.sh labels" >&2; exit 1; fi
+    labels=(--labels "$RUNS/labels-train-$LABEL_IMAGES.npz")
+    if [ "$MORE_IMAGES" -gt 0 ]; then labels+=(--labels "$RUNS/labels-train-$LABEL_IMAGES-$MORE_IMAGES.npz"); fi
+    for f in "${labels[@]}"; do
+      if [ "$f" != --labels ] && [ ! -f "$f" ]; then echo "error: no $f; run: bash benchmarks/cifar_zoo.sh labels" >&2; exit 1; fi
+    done
     holdout=()
     if [ -f "$RUNS/labels-holdout-$HOLDOUT_IMAGES.npz" ]; then holdout=(--holdout "$RUNS/labels-holdout-$HOLDOUT_IMAGES.npz"); fi
-    # sigma_e = 1.0 = the largest expert sigma (the paper's requirement); lambda, eta, AdamW lr/wd: the paper's values
+    # The router is the sigma = 1.0 expert's ResNet-20 (all of it, --init) with a small MLP on its sorted class
+    # probabilities (confidence_head), at sigma_e = 1.0 = the largest expert sigma (the paper's requirement).
+    # Why not the paper's defaults (from scratch, T = 1, lambda = 40): on these labels that router learnt a
+    # constant output (benchmarks/RESULTS.md). T = 0.1 sharpens the soft labels (radii differ by ~0.1-0.3);
+    # lambda = 4: at 40 the consistency term flattened the head to uniform within the first epochs.
     # shellcheck disable=SC2086
-    dualrs-route train-router --labels "$labels" "${CIFAR_EXPERTS[@]}" --arch small_cnn \
-      --arch-args '{"channels": [32, 64, 128], "hidden": 128}' --sigma-e 1.0 --epochs "$ROUTER_EPOCHS" --batch 256 \
-      --lr 0.01 --weight-decay 0.01 --lambda 40 --eta 0.5 --seed 0 --threads "$THREADS" "${holdout[@]}" \
-      $ROUTER_EXTRA --out "$ROUTER"
+    dualrs-route train-router "${labels[@]}" "${CIFAR_EXPERTS[@]}" --init $ZOO/cifar10-resnet20-sigma1.0 \
+      --arch confidence_head --arch-args '{"base": "cifar_resnet20", "base_classes": 10, "hidden": 32}' \
+      --sigma-e 1.0 --epochs "$ROUTER_EPOCHS" --batch 64 --lr 0.001 --weight-decay 0.01 --lambda 4 --eta 0.5 \
+      --temperature 0.1 --seed 0 --threads "$THREADS" "${holdout[@]}" $ROUTER_EXTRA --out "$ROUTER"
   fi
 fi

@@ -200,6 +200,41 @@ def small_cnn(num_classes: int, in_channels: int, input_shape, channels=(16, 32)
     return nn.Sequential(*layers)
 
 
+# --- routers built on a classifier ---
+
+
+class ConfidenceHead(nn.Module):
+    """``base`` (a classifier, e.g. an expert's network) -> softmax -> probabilities sorted in
+    descending order -> MLP -> ``num_classes`` logits.
+
+    The sorted probabilities describe how confident ``base`` is, whatever the class, which
+    is what tells the experts of a Dual RS router apart: a large-sigma expert is the right
+    choice exactly where it stays confident under its noise. Start ``base`` from that
+    expert's weights (``train-router --init``); the state-dict keys are ``base.*`` and ``head.*``.
+    """
+
+    def __init__(self, base: nn.Module, base_classes: int, num_classes: int, hidden: int):
+        super().__init__()
+        self.base = base
+        self.head = nn.Sequential(nn.Linear(base_classes, hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        probabilities = torch.softmax(self.base(x), dim=1)
+        return self.head(torch.sort(probabilities, dim=1, descending=True).values)
+
+
+@register("confidence_head")
+def confidence_head(num_classes: int, in_channels: int, input_shape, base: str = "cifar_resnet20",
+                    base_args: dict | None = None, base_classes: int = 10, hidden: int = 32) -> nn.Module:
+    """A router on a classifier's sorted class probabilities (:class:`ConfidenceHead`)."""
+    if base not in _REGISTRY or base == "confidence_head":
+        raise KeyError(f"unknown base architecture {base!r}; known: {', '.join(available())}")
+    network = _REGISTRY[base](num_classes=int(base_classes), in_channels=in_channels, input_shape=input_shape,
+                              **(base_args or {}))
+    return ConfidenceHead(network, int(base_classes), num_classes, int(hidden))
+
+
 @register("linear")
 def linear(num_classes: int, in_channels: int, input_shape) -> nn.Module:
     """Logits = W x + b on the flattened input. Its smoothed probabilities are closed-form,

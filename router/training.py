@@ -380,22 +380,31 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
 def init_from_folder(model, folder: ModelFolder) -> list[str]:
     """Copy ``folder``'s weights into ``model`` wherever name and shape agree; return the names left fresh.
 
-    Meant for starting a router from an expert of the same architecture: only tensors
-    whose shape differs (the final layer, K router classes vs the expert's classes) stay
-    random. Anything else missing, extra or mismatched - a different architecture - is an
-    IncompatibleModelsError, as is a folder without torch weights.
+    Meant for starting a router from an expert: with the same architecture only the final
+    layer (K router classes vs the expert's classes) stays random; with
+    ``confidence_head`` the expert's network becomes ``base.*`` (every tensor copied) and
+    only ``head.*`` is new. Any other difference - a source tensor with no place in the
+    router, or more than one layer of mismatched shapes - is an IncompatibleModelsError, as
+    is a folder without torch weights.
     """
     source = folder.load_torch_model().state_dict()
     target = model.state_dict()
-    fresh = [k for k in target if k in source and source[k].shape != target[k].shape]
-    problems = sorted(set(target) ^ set(source))
-    if problems or len(fresh) > 2:
+    mapping = {}
+    for name in target:
+        for candidate in (name, name.replace(".base.", ".", 1)):
+            if candidate in source:
+                mapping[name] = candidate
+                break
+    unused = sorted(set(source) - set(mapping.values()))
+    reshaped = [t for t, s in mapping.items() if source[s].shape != target[t].shape]
+    if unused or len(reshaped) > 2 or len(reshaped) == len(mapping):
         raise IncompatibleModelsError(
             f"--init {folder.reference}: architecture {folder.config.architecture!r} "
             f"{folder.config.architecture_args} does not match the router's (differing tensors: "
-            f"{(problems + fresh)[:6]}); pass the same --arch/--arch-args or none")
-    model.load_state_dict({k: (target[k] if k in fresh else source[k]) for k in target})
-    return fresh
+            f"{(unused + reshaped)[:6]}); pass the same --arch/--arch-args or none")
+    model.load_state_dict({t: (source[mapping[t]] if t in mapping and t not in reshaped else value)
+                           for t, value in target.items()})
+    return reshaped + [t for t in target if t not in mapping]
 
 
 def _file_sha256(path) -> str:

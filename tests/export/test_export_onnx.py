@@ -108,3 +108,24 @@ def test_compare_outputs_tolerates_float_ties_but_not_real_flips():
     problems = compare_outputs("flip", ref, flipped)
     assert any("argmax differs on 1/2" in p for p in problems) and any("logits differ" in p for p in problems)
     assert "shape" in compare_outputs("shape", ref, ref[:1])[0]
+
+
+def test_confidence_head_router_exports_with_its_sort(tmp_path):
+    """confidence_head sorts probabilities (ONNX TopK): export validates and ORT matches torch."""
+    import torch
+
+    from experts.architectures import build_model
+    from experts.folders import ModelConfig, save_folder
+
+    torch.manual_seed(0)
+    args = {"base": "small_cnn", "base_args": {"channels": [4], "hidden": 8}, "base_classes": 5, "hidden": 6}
+    model = build_model("confidence_head", num_classes=3, input_shape=TINY_SHAPE, mean=[0.4], std=[0.3], **args)
+    config = ModelConfig(kind="expert", sigma=0.5, num_classes=3, input_shape=TINY_SHAPE, mean=(0.4,), std=(0.3,),
+                         architecture="confidence_head", architecture_args=args)
+    folder = save_folder(tmp_path / "conf", config, model.eval())
+    export_onnx(str(folder))
+    x = np.random.default_rng(1).normal(0.5, 0.6, size=(17, *TINY_SHAPE)).astype(np.float32)
+    got = _session(folder / "model.onnx").run(["logits"], {"pixels": x})[0]
+    with torch.inference_mode():
+        want = load_folder(str(folder)).load_torch_model()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)

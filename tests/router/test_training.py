@@ -375,3 +375,35 @@ def test_train_router_init_copies_every_layer_but_the_last(tiny_labels):
     with pytest.raises(IncompatibleModelsError, match="does not match the router"):
         train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "bad"), init=str(source),
                      arch="small_cnn", arch_args={"channels": [6], "hidden": 8}, epochs=1, log=None)
+
+
+def test_confidence_head_router_starts_from_the_whole_expert(tiny_labels):
+    """--arch confidence_head: the expert becomes base.* (fc included), only head.* is new."""
+    from experts.architectures import build_model
+
+    experts, labels, _, tmp = tiny_labels
+    source = _small_cnn_expert(tmp / "cnn-expert", [4])
+    args = {"base": "small_cnn", "base_args": {"channels": [4], "hidden": 8}, "base_classes": 3, "hidden": 5}
+    messages = []
+    path = train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "conf"),
+                        init=str(source), arch="confidence_head", arch_args=args, epochs=1, batch=64, lr=1e-9,
+                        weight_decay=0.0, log=messages.append)
+    src, got = _weights(source), _weights(path)
+    assert sorted(k for k in got if ".head." in k) == ["1.head.0.bias", "1.head.0.weight", "1.head.2.bias",
+                                                      "1.head.2.weight"]
+    for k in src:
+        if k.endswith(("weight", "bias")):
+            assert np.allclose(got[k.replace("1.", "1.base.", 1)], src[k], atol=1e-6), k
+    logged = [m.split("new (random) tensors: ")[1] for m in messages if "new (random) tensors: " in m]
+    assert set(logged[0].split(", ")) == {k for k in got if ".head." in k}
+    # the head sees sorted probabilities: permuting the base's classes does not change the router
+    model = build_model("confidence_head", num_classes=2, input_shape=(1, 4, 4), mean=[0.0], std=[1.0], **args)
+    x = torch.rand(6, 1, 4, 4)
+    with torch.no_grad():
+        model.eval()
+        before = model(x)
+        last = model[1].base[-1]
+        perm = torch.tensor([2, 0, 1])
+        last.weight.copy_(last.weight[perm])
+        last.bias.copy_(last.bias[perm])
+        assert torch.allclose(model(x), before, atol=1e-6)
