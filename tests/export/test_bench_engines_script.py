@@ -24,7 +24,8 @@ def test_bench_engines_runs_and_reports_every_engine(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["trained"] is False and "RANDOMLY INITIALISED" in report["expert"]
     rows = report["throughput"]["50"]
-    assert set(rows) == {"baseline (Cohen loop, fp32 eager)", "torch fp32", "torch bf16", "onnxruntime fp32",
+    assert set(rows) == {"baseline (Cohen loop, fp32 eager)", "torch fp32", "torch bf16", "torch fp32 compiled",
+                         "torch bf16 compiled", "onnxruntime fp32",
                          "onnxruntime fp32, no I/O binding", "onnxruntime fp32, no prefetch",
                          "onnxruntime fp32, numpy noise", "onnxruntime int8"}
     assert rows["baseline (Cohen loop, fp32 eager)"]["ratio_to_best_baseline"] == pytest.approx(1.0)

@@ -99,3 +99,26 @@ def test_export_router_copy_keeps_expert_references_working(run, tiny_router, tm
     router, experts = load_router_set(str(out))
     assert router.has_onnx and [e.path.name for e in experts] == ["e-low", "e-high"]
     assert load_folder(str(tiny_router)).config.experts == ("../e-low", "../e-high")  # the source is untouched
+
+
+def test_bench_torch_compile_rows(run, exported_folder, tmp_path, monkeypatch):
+    """`--engine torch-compile` benchmarks the torch engine with compile=True (torch.compile faked: it is slow)."""
+    from experts import engine
+
+    compiled = []
+
+    def fake_compile(model, dtype, channels_last):
+        compiled.append(str(dtype))
+        return lambda batch: model(batch.to(dtype))
+
+    monkeypatch.setattr(engine, "_compile_model", fake_compile)
+    out = tmp_path / "bench.json"
+    result = run("bench", exported_folder, "--engine", "torch,torch-compile", "--precision", "fp32,bf16,int8",
+                 "--batch", "50", "--samples", "100", "--N", "100", "--N0", "20", "--repeats", "1", "--warmup", "0",
+                 "--threads", "1", "--peak-seconds", "0.2", "--json", out)
+    assert result.exit_code == 0, result.output
+    rows = {(r["engine"], r["precision"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(e, p) for e in ("torch", "torch-compile") for p in ("fp32", "bf16")}
+    assert all(r["samples_per_s"] > 0 and not r["skipped"] for r in rows.values())
+    assert sorted(compiled) == ["torch.bfloat16", "torch.float32"]  # only the torch-compile rows compile
+    assert "| tiny-expert | torch-compile | bf16 | 50 |" in result.output

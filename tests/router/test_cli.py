@@ -504,3 +504,34 @@ def test_import_cohen_refuses_foreign_layouts(tmp_path):
     torch.save({"arch": "resnet50", "state_dict": {"1.conv1.weight": torch.zeros(1)}}, ckpt2)
     assert_clean_failure(invoke("experts", "import-cohen", ckpt2, out, "--sigma", 0.25), None, "architecture")
     assert_clean_failure(invoke("experts", "import-cohen", ckpt, out, "--sigma", 0), None, "--sigma")
+
+
+def test_compile_is_recorded_and_a_resume_without_it_is_refused(cli_expert, tmp_path, monkeypatch):
+    """--compile reaches the torch engine, is in the metadata, and counts for resume (like --precision).
+
+    torch.compile itself is replaced by the eager network here (a real compile takes tens of
+    seconds; the slow test in tests/experts/test_noise_engine.py runs one)."""
+    from experts import engine
+
+    built = []
+
+    def fake_compile(model, dtype, channels_last):
+        built.append(dtype)
+        return lambda batch: model(batch.to(dtype))
+
+    monkeypatch.setattr(engine, "_compile_model", fake_compile)
+    folder, data, _, _ = cli_expert
+    out, plain = tmp_path / "c.tsv", tmp_path / "p.tsv"
+    assert invoke(*certify_args(folder, data, out, "--max", 5, "--engine", "torch", "--compile")).exit_code == 0
+    assert built and invoke(*certify_args(folder, data, plain, "--max", 5, "--engine", "torch")).exit_code == 0
+    meta = json.loads(sidecar(out).read_text())
+    assert meta["settings"]["engines"] == [{"engine": "torch", "precision": "fp32", "noise": "torch-cpu",
+                                            "compiled": True}]
+    assert meta["engines"][0]["compiled"] is True
+    assert "compiled" not in json.loads(sidecar(plain).read_text())["settings"]["engines"][0]
+    assert without_time(rows_of(out)) == without_time(rows_of(plain))  # same network, same noise
+    before = out.read_bytes()
+    result = invoke(*certify_args(folder, data, out, "--max", 5, "--engine", "torch"))
+    assert result.exit_code == 1 and "other settings" in result.output and out.read_bytes() == before
+    result = invoke(*certify_args(folder, data, tmp_path / "o.tsv", "--engine", "onnxruntime", "--compile"))
+    assert result.exit_code != 0 and "needs the torch engine" in result.output
