@@ -215,3 +215,29 @@ def test_labels_cli(tiny, tmp_path):
     mismatch = CliRunner().invoke(main, args + ["--N0", "20"])
     assert mismatch.exit_code == 1 and "other settings" in mismatch.output
     assert math.isfinite(float(loaded.radii.max()))
+
+
+def test_labels_cli_compile_is_a_setting(tiny, tmp_path, monkeypatch):
+    """`labels --compile` builds compiled torch counters and records it; resuming without it is refused."""
+    from experts import engine
+    from router.cli import main
+
+    built = []
+
+    def fake_compile(model, dtype, channels_last):  # torch.compile itself: see the slow engine test
+        built.append(dtype)
+        return lambda batch: model(batch.to(dtype))
+
+    monkeypatch.setattr(engine, "_compile_model", fake_compile)
+    experts, data = tiny
+    out, plain = tmp_path / "c.npz", tmp_path / "p.npz"
+    args = ["labels", "--expert", str(experts[0]), "--expert", str(experts[1]), "--dataset", f"npz:{data}",
+            "--N", "50", "--max", "6", "--engine", "torch", "--quiet"]
+    assert CliRunner().invoke(main, args + ["--compile", "--out", str(out)]).exit_code == 0
+    assert len(built) == 2  # one compiled counter per expert
+    assert CliRunner().invoke(main, args + ["--out", str(plain)]).exit_code == 0
+    compiled, eager = load_labels(out), load_labels(plain)
+    assert compiled.meta["settings"]["compiled"] is True and "compiled" not in eager.meta["settings"]
+    np.testing.assert_array_equal(compiled.radii, eager.radii)  # the fake compile runs the same network
+    again = CliRunner().invoke(main, args + ["--out", str(out)])  # same file, now without --compile
+    assert again.exit_code == 1 and "other settings" in again.output
