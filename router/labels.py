@@ -371,7 +371,7 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
         from experts.folders import make_counter
 
         counters = [make_counter(f, engine=engine, device=device, batch_size=batch, precision=precision,
-                                 **({"compile": True} if compile else {})) for f in experts]
+                                 compile=compile) for f in experts]
     sigmas = [f.config.sigma for f in experts]
     if done == 0:
         save_labels(out, state)  # claim the file before the long part starts

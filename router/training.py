@@ -213,8 +213,9 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
 
     ``labels`` is one labels file or several of disjoint images (merged by
     :func:`router.labels.merge_labels`). ``init`` (a model folder reference) starts the
-    router from that model's weights - every tensor but the final layer, whose width
-    differs (see :func:`init_from_folder`); the architecture defaults to the init model's.
+    router from that model's weights (:func:`init_from_folder`: all but the final layer for
+    the same architecture, the whole model as ``base`` of a ``confidence_head``); the
+    architecture defaults to the init model's.
 
     ``sigma_e`` defaults to the largest expert sigma (Dual RS asks for sigma_e >= max sigma_k;
     smaller values are allowed with a warning). With ``holdout`` (a labels file of other
