@@ -206,12 +206,12 @@ def run_bench(reference: str, *, engines: Sequence[str] = ("torch", "onnxruntime
             for role, f in models:
                 row = BenchRow(model=f.name, role=role, engine=engine, precision=precision, batch=int(batch))
                 options = {"threads": threads} if engine == "onnxruntime" and threads else {}
+                runs_on = engine
                 if engine == "torch-compile":  # the torch engine through torch.compile (`--compile`)
-                    options = {"compile": True}
+                    runs_on, options = "torch", {"compile": True}
                 try:
                     counters[(f.name, engine, precision, batch)] = make_counter(
-                        f, engine=engine.split("-")[0], device=device, batch_size=int(batch), precision=precision,
-                        **options)
+                        f, engine=runs_on, device=device, batch_size=int(batch), precision=precision, **options)
                 except (DualRSError, ValueError) as exc:
                     row.skipped = " ".join(str(exc).split())
                 rows.append(row)

@@ -6,6 +6,7 @@ errors (DualRSError) into one-line messages with exit code 1 and bad values into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shlex
@@ -91,17 +92,11 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
     bar = None if quiet else click.progressbar(length=len(indices), label="labels", file=sys.stderr, show_pos=True,
                                                show_eta=True)
     log = None if quiet else (lambda message: click.echo(message, err=True))
-    if bar is not None:
-        with bar:
-            result = compute_labels(folders, ds, indices, out=out, n0=n0, n=n, alpha=alpha, seed=seed, batch=batch,
-                                    chunk=chunk, engine=engine, device=device, precision=precision,
-                                    compile=compile_, data=data,
-                                    selection=selection, command=_command_line(), progress=bar.update, log=log)
-    else:
+    with bar if bar is not None else contextlib.nullcontext():
         result = compute_labels(folders, ds, indices, out=out, n0=n0, n=n, alpha=alpha, seed=seed, batch=batch,
                                 chunk=chunk, engine=engine, device=device, precision=precision, compile=compile_,
-                                data=data,
-                                selection=selection, command=_command_line(), log=log)
+                                data=data, selection=selection, command=_command_line(),
+                                progress=bar.update if bar is not None else None, log=log)
     summary = label_summary(result)
     click.echo(json.dumps(summary, indent=2))
     click.echo(f"labels: {out} ({summary['images']} images, {result.meta.get('seconds', 0):.0f} s)", err=True)
@@ -117,8 +112,8 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
               help="JSON dict of architecture arguments (default for 32x32 inputs: "
                    "{\"channels\": [32, 64, 128], \"hidden\": 128}).")
 @click.option("--init", default=None, metavar="REF",
-              help="Start from this model's weights (e.g. the largest-sigma expert): every layer but the last; "
-                   "--arch defaults to its architecture.")
+              help="Start from this model's weights (e.g. the largest-sigma expert): every layer but the last, or "
+                   "all of it as the base of --arch confidence_head; --arch defaults to its architecture.")
 @click.option("--sigma-e", "sigma_e", type=float, default=None,
               help="Router noise level sigma_e (default: the largest expert sigma).")
 @click.option("--epochs", type=click.IntRange(min=1), default=90, show_default=True)
