@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_EXPERT = ROOT / "experts" / "zoo" / "cifar10-resnet20-sigma0.25"
+BASELINE = "baseline (Cohen loop, fp32 eager)"
 
 
 def load_split(dataset: str, split: str, data: Path | None):
@@ -87,42 +88,78 @@ def prepare_expert(expert: Path, work: Path, dataset: str, data: Path | None,
     return folder, trained, note
 
 
-def build_engines(folder: Path, batch: int, threads: int):
-    """name -> (callable counting n samples of x at sigma with a fixed key, description)."""
+CPU_ENGINES = {
+    "torch fp32": dict(engine="torch", precision="fp32"),
+    "torch bf16": dict(engine="torch", precision="bf16"),
+    "torch fp32 compiled": dict(engine="torch", precision="fp32", compile=True),
+    "torch bf16 compiled": dict(engine="torch", precision="bf16", compile=True),
+    "onnxruntime fp32": dict(engine="onnxruntime"),
+    "onnxruntime fp32, no I/O binding": dict(engine="onnxruntime", io_binding=False),
+    "onnxruntime fp32, no prefetch": dict(engine="onnxruntime", prefetch=False),
+    "onnxruntime fp32, numpy noise": dict(engine="onnxruntime", noise="numpy"),
+    "onnxruntime int8": dict(engine="onnxruntime", precision="int8"),
+}
+GPU_ENGINES = {
+    "torch fp32": dict(engine="torch", precision="fp32"),
+    "torch fp32, channels_last": dict(engine="torch", precision="fp32", channels_last=True),
+    "torch bf16": dict(engine="torch", precision="bf16"),
+    "torch bf16, NCHW": dict(engine="torch", precision="bf16", channels_last=False),
+    "torch fp16": dict(engine="torch", precision="fp16"),
+    "torch fp32 compiled": dict(engine="torch", precision="fp32", compile=True),
+    "torch bf16 compiled": dict(engine="torch", precision="bf16", compile=True),
+    "torch fp16 compiled": dict(engine="torch", precision="fp16", compile=True),
+    "onnxruntime-cuda fp32": dict(engine="onnxruntime", provider="cuda"),
+    "onnxruntime-tensorrt fp32": dict(engine="onnxruntime", provider="tensorrt"),
+    "onnxruntime-tensorrt fp16": dict(engine="onnxruntime", provider="tensorrt", precision="fp16"),
+    "tensorrt fp32": dict(engine="tensorrt", precision="fp32"),
+    "tensorrt fp16": dict(engine="tensorrt", precision="fp16"),
+}
+AGREEMENT = {"cpu": ("torch fp32", "torch bf16", "torch fp32 compiled", "torch bf16 compiled", "onnxruntime fp32",
+                     "onnxruntime int8"),
+             "cuda": tuple(n for n in GPU_ENGINES if "channels_last" not in n and "NCHW" not in n)}
+
+
+def engine_specs(device: str) -> dict:
+    return GPU_ENGINES if device.startswith("cuda") else CPU_ENGINES
+
+
+def make_engine(f, name: str, batch: int, threads: int, device: str):
+    """The counter for engine row ``name`` on ``device``; raises DualRSError/ValueError/ImportError if it cannot run."""
+    from experts.folders import make_counter
+
+    options = dict(engine_specs(device)[name])
+    if options["engine"] == "onnxruntime" and threads:
+        options["threads"] = threads
+    return make_counter(f, device=device, batch_size=batch, **options)
+
+
+def build_engines(folder: Path, batch: int, threads: int, device: str = "cpu"):
+    """(name -> callable counting n samples of x at sigma with a fixed key, name -> why a row cannot run here)."""
     import torch
 
-    from experts.folders import load_folder, make_counter
+    from experts.errors import DualRSError
+    from experts.folders import load_folder
     from experts.noise import NoiseKey, Stage
     from export.bench import naive_cohen_counts
 
     f = load_folder(str(folder))
     cfg = f.config
     key = NoiseKey(0, 0, Stage.EXPERT_ESTIMATE)
-    baseline_model = f.load_torch_model().eval()
-    engines = {}
+    engines, skipped = {}, {}
+    for name in engine_specs(device):
+        try:
+            counter = make_engine(f, name, batch, threads, device)
+        except (DualRSError, ValueError, ImportError) as exc:
+            skipped[name] = " ".join(str(exc).split())
+            continue
+        engines[name] = (lambda x, sigma, n, c=counter: c.counts(x, sigma, n, key=key))
+    # the baseline last, so that an fp32 counter has already switched TF32 off on a GPU: all fp32 rows are fp32
+    baseline_model = f.load_torch_model().eval().to(device)
 
     def baseline(x, sigma, n):
-        return naive_cohen_counts(baseline_model, torch.from_numpy(x), sigma, n, batch, cfg.num_classes)
+        return naive_cohen_counts(baseline_model, torch.from_numpy(x).to(device), sigma, n, batch, cfg.num_classes)
 
-    engines["baseline (Cohen loop, fp32 eager)"] = baseline
-    counters = {
-        "torch fp32": make_counter(f, engine="torch", batch_size=batch, precision="fp32"),
-        "torch bf16": make_counter(f, engine="torch", batch_size=batch, precision="bf16"),
-        "torch fp32 compiled": make_counter(f, engine="torch", batch_size=batch, precision="fp32", compile=True),
-        "torch bf16 compiled": make_counter(f, engine="torch", batch_size=batch, precision="bf16", compile=True),
-        "onnxruntime fp32": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads),
-        "onnxruntime fp32, no I/O binding": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
-                                                         io_binding=False),
-        "onnxruntime fp32, no prefetch": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
-                                                      prefetch=False),
-        "onnxruntime fp32, numpy noise": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
-                                                      noise="numpy"),
-        "onnxruntime int8": make_counter(f, engine="onnxruntime", batch_size=batch, threads=threads,
-                                         precision="int8"),
-    }
-    for name, counter in counters.items():
-        engines[name] = (lambda x, sigma, n, c=counter: c.counts(x, sigma, n, key=key))
-    return engines, counters
+    return {BASELINE: baseline, **engines}, skipped
 
 
 def noise_rates(shape, samples: int, repeats: int) -> dict:
@@ -141,7 +178,8 @@ def noise_rates(shape, samples: int, repeats: int) -> dict:
     return rates
 
 
-def agreement(folder: Path, test, images: int, n0: int, n: int, batch: int, threads: int, log) -> dict:
+def agreement(folder: Path, test, images: int, n0: int, n: int, batch: int, threads: int, log,
+              device: str = "cpu") -> dict:
     """Certify ``images`` test images (evenly spaced) with each engine; compare with torch fp32."""
     from experts.folders import load_folder, make_counter
     from experts.smoothing import SmoothedClassifier
@@ -150,21 +188,22 @@ def agreement(folder: Path, test, images: int, n0: int, n: int, batch: int, thre
     images = min(images, len(test))
     indices = np.linspace(0, len(test) - 1, images).astype(int)
     xs, labels = test.batch(indices), test.labels[indices]
-    setups = {"torch fp32": dict(engine="torch", precision="fp32"),
-              "torch bf16": dict(engine="torch", precision="bf16"),
-              "torch fp32 compiled": dict(engine="torch", precision="fp32", compile=True),
-              "torch bf16 compiled": dict(engine="torch", precision="bf16", compile=True),
-              "onnxruntime fp32": dict(engine="onnxruntime", precision="fp32", threads=threads),
-              "onnxruntime int8": dict(engine="onnxruntime", precision="int8", threads=threads)}
-    certs = {}
-    for name, options in setups.items():
+    from experts.errors import DualRSError
+
+    certs, skipped = {}, {}
+    for name in AGREEMENT["cuda" if device.startswith("cuda") else "cpu"]:
         start = time.perf_counter()
-        smoothed = SmoothedClassifier(make_counter(f, batch_size=batch, **options), f.config.sigma)
+        try:
+            counter = make_engine(f, name, batch, threads, device)
+        except (DualRSError, ValueError, ImportError) as exc:
+            skipped[name] = " ".join(str(exc).split())
+            continue
+        smoothed = SmoothedClassifier(counter, f.config.sigma)
         certs[name] = [smoothed.certify(x, n0=n0, n=n, alpha=0.001, seed=0, index=int(i))
                        for x, i in zip(xs, indices)]
         log(f"  certified {images} images with {name} in {time.perf_counter() - start:.0f} s")
     reference = certs["torch fp32"]
-    out = {"images": int(images), "N0": n0, "N": n, "alpha": 0.001, "dataset": test.name,
+    out = {"images": int(images), "N0": n0, "N": n, "alpha": 0.001, "dataset": test.name, "skipped": skipped,
            "indices": f"np.linspace(0, {len(test) - 1}, {images}).astype(int)"}
     for name, results in certs.items():
         same = [a.prediction == b.prediction for a, b in zip(reference, results)]
@@ -193,6 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--agreement-images", type=int, default=100)
     parser.add_argument("--agreement-n", type=int, default=1000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the GPU table (torch fp32/bf16/fp16, "
+                        "eager and compiled, ONNX Runtime's CUDA and TensorRT providers, native TensorRT)")
     args = parser.parse_args(argv)
 
     import torch
@@ -205,10 +246,18 @@ def main(argv=None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     torch.set_num_threads(args.threads)
+    gpu = args.device.startswith("cuda")
+    if gpu:
+        from experts.engine import resolve_device
+
+        resolve_device(args.device)  # a clear error now rather than after the int8 calibration
+        result_device = torch.cuda.get_device_name(torch.device(args.device))
+    else:
+        result_device = "cpu"
     batches = [int(b) for b in args.batch.split(",")]
     result = {"command": " ".join(["python", "benchmarks/bench_engines.py", *(argv or sys.argv[1:])]),
-              "threads": args.threads, "samples": args.samples, "repeats": args.repeats, "versions": _versions(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+              "device": args.device, "threads": args.threads, "samples": args.samples, "repeats": args.repeats, "versions": _versions(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device_name": result_device}
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
         folder, trained, note = prepare_expert(args.expert, Path(tmp), args.dataset, args.data, args.calibration)
         log(note)
@@ -220,21 +269,27 @@ def main(argv=None) -> int:
         x = test.image(0) if test is not None else np.random.default_rng(0).random(f.config.input_shape, dtype=np.float32)
         if not args.no_timing:
             log(f"measuring the fp32 matmul peak for {args.peak_seconds:.0f} s ...")
-            peak_before = matmul_peak(seconds=args.peak_seconds / 2, threads=args.threads)
-            result["noise_samples_per_s"] = noise_rates(f.config.input_shape, 1000, args.repeats)
-            tables = {}
+            peak_before = matmul_peak(seconds=args.peak_seconds / 2, threads=args.threads, device=args.device)
+            if gpu:
+                result["peak_bf16"] = matmul_peak(seconds=args.peak_seconds / 2, device=args.device, precision="bf16")
+            else:
+                result["noise_samples_per_s"] = noise_rates(f.config.input_shape, 1000, args.repeats)
+            tables, result["skipped"] = {}, {}
             for batch in batches:
-                engines, _ = build_engines(folder, batch, args.threads)
+                engines, skipped = build_engines(folder, batch, args.threads, args.device)
+                for name, why in skipped.items():
+                    log(f"  skipped {name}: {why}")
+                    result["skipped"][name] = why
                 tasks = {name: (lambda fn=fn: fn(x, sigma, args.samples)) for name, fn in engines.items()}
                 log(f"batch {batch}: {len(tasks)} engines x {args.repeats} repeats of {args.samples} samples ...")
                 times = round_robin(tasks, warmup=args.warmup, repeats=args.repeats)
                 tables[batch] = {name: {"samples_per_s": args.samples / statistics.median(t), "timings_s": t}
                                  for name, t in times.items()}
-            peak_after = matmul_peak(seconds=args.peak_seconds / 2, threads=args.threads)
+            peak_after = matmul_peak(seconds=args.peak_seconds / 2, threads=args.threads, device=args.device)
             peak = max(peak_before["gflops"], peak_after["gflops"])
             bound = peak * 1e9 / flops
             result.update(peak_gflops=peak, peak_runs=[peak_before, peak_after], flop_bound_samples_per_s=bound)
-            baseline_name = "baseline (Cohen loop, fp32 eager)"
+            baseline_name = BASELINE
             base_best = max(tables[b][baseline_name]["samples_per_s"] for b in batches)
             for batch, rows in tables.items():
                 for name, row in rows.items():
@@ -245,7 +300,7 @@ def main(argv=None) -> int:
         if trained and args.agreement_images > 0 and test is not None:
             log(f"agreement: certifying {args.agreement_images} test images per engine at N={args.agreement_n} ...")
             result["agreement"] = agreement(folder, test, args.agreement_images, 100, args.agreement_n,
-                                            max(batches), args.threads, log)
+                                            max(batches), args.threads, log, args.device)
         else:
             result["agreement"] = f"pending: needs a trained expert and the {args.dataset} test split"
     print(render(result))
@@ -259,7 +314,8 @@ def render(result: dict) -> str:
     """Markdown tables of a result dict."""
     if "throughput" in result:
         lines = [f"Expert: {result['expert']}. sigma={result['sigma']}, {result['flops_per_sample'] / 1e6:.1f} "
-                 f"MFLOP/sample (counted), threads={result['threads']}, fp32 matmul peak {result['peak_gflops']:.0f} "
+                 f"MFLOP/sample (counted), device {result.get('device_name', 'cpu')}, threads={result['threads']}, "
+                 f"fp32 matmul peak {result['peak_gflops']:.0f} "
                  f"GFLOP/s -> FLOP bound {result['flop_bound_samples_per_s']:,.0f} samples/s. Medians of "
                  f"{result['repeats']} runs of {result['samples']} samples.", ""]
     else:
@@ -277,16 +333,24 @@ def render(result: dict) -> str:
                          f"{100 * row['fraction_of_fp32_bound']:.0f}%")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if batches:
-        lines += ["", "x baseline = ratio to the best baseline batch size. Noise generation alone (samples/s): " +
-                  ", ".join(f"{k} {v:,.0f}" for k, v in result["noise_samples_per_s"].items())]
+        lines += ["", "x baseline = ratio to the best baseline batch size."]
+        if "noise_samples_per_s" in result:
+            lines[-1] += " Noise generation alone (samples/s): " + ", ".join(
+                f"{k} {v:,.0f}" for k, v in result["noise_samples_per_s"].items())
+        if "peak_bf16" in result:
+            lines[-1] += f" bf16 matmul peak {result['peak_bf16']['gflops']:,.0f} GFLOP/s."
+        for name, why in result.get("skipped", {}).items():
+            lines.append(f"- not run: {name}: {why}")
     agreement = result["agreement"]
     if isinstance(agreement, dict):
+        for name, why in agreement.get("skipped", {}).items():
+            lines.append(f"- agreement not run: {name}: {why}")
         lines += ["", f"Agreement with torch fp32 on {agreement['images']} {agreement['dataset']} test images "
                       f"(N0={agreement['N0']}, N={agreement['N']}, alpha={agreement['alpha']}):", "",
                   "| engine | certified prediction agreement | mean abs radius diff | radius within 0.05 | "
                   "certified acc. r=0 | abstain |", "|---|---|---|---|---|---|"]
         for name, row in agreement.items():
-            if isinstance(row, dict):
+            if isinstance(row, dict) and name != "skipped":
                 lines.append(f"| {name} | {100 * row['prediction_agreement']:.1f}% | {row['mean_abs_radius_diff']:.4f} "
                              f"| {100 * row['radius_within_0.05']:.1f}% | {100 * row['certified_accuracy_r0']:.1f}% | "
                              f"{100 * row['abstain_rate']:.1f}% |")

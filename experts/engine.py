@@ -87,8 +87,14 @@ def _compile_model(model, dtype, channels_last: bool):
         return model(batch)
 
     try:
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
+        # every compiled counter (router + experts, each precision and batch size) is one more
+        # specialisation of ``run``; past dynamo's default limit of 8 it silently runs eagerly
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), 256))
         compiled = torch.compile(run, dynamic=False)
     except Exception as exc:  # e.g. an unsupported Python version or build
         raise EngineUnavailableError(f"torch.compile is not available here ({type(exc).__name__}: {exc}); "
@@ -131,6 +137,10 @@ class TorchCounter:
     is always drawn and added in float32 and then cast. Certificates are valid for
     the network that actually runs, so the precision is part of a run's metadata.
 
+    ``channels_last`` (None: automatic) picks the memory layout: channels-last except for
+    fp32 on a CUDA device, where NCHW measured faster. On CUDA, fp32 runs with TF32 off
+    (process-wide torch flags) and ``describe()`` records ``"tf32": False``.
+
     ``compile=True`` runs the network through ``torch.compile`` (inductor, weights frozen
     as constants, one static batch shape: partial batches are padded to ``batch_size``
     and the padding rows' predictions dropped). The first forward pass compiles (tens of
@@ -150,7 +160,7 @@ class TorchCounter:
         device: str = "cpu",
         batch_size: int = 400,
         precision: str = "fp32",
-        channels_last: bool = True,
+        channels_last: bool | None = None,
         compile: bool = False,
     ):
         import torch
@@ -165,6 +175,10 @@ class TorchCounter:
         self.batch_size = check_count(batch_size, "batch_size")
         self.precision = precision
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        # channels_last (None: automatic) feeds tensor cores (CPU AMX, GPU bf16/fp16); for plain fp32 on a
+        # GPU the automatic choice is NCHW (benchmarks/RESULTS.md, GPU table: both layouts side by side)
+        if channels_last is None:
+            channels_last = not (self.device.type == "cuda" and precision == "fp32")
         self.channels_last = bool(channels_last) and len(self.input_shape) == 3
         model = model.eval().to(self.device)
         if self.dtype != torch.float32:
@@ -172,6 +186,13 @@ class TorchCounter:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.tf32 = None
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            # fp32 means fp32: torch lets cuDNN convolutions use TF32 (10-bit mantissa) by default, which
+            # would silently certify a reduced-precision network. Process-wide flags, set before any compile.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            self.tf32 = False
         self.compiled = bool(compile)
         self._forward = _compile_model(model, self.dtype, self.channels_last) if self.compiled else None
         self._generator = torch.Generator(device=self.device)
@@ -182,7 +203,8 @@ class TorchCounter:
     def describe(self) -> dict:
         """What run metadata records about this engine (the noise stream depends on the device type)."""
         return {"engine": self.engine, "precision": self.precision, "device": str(self.device),
-                "noise": f"torch-{self.device.type}", "compiled": self.compiled}
+                "noise": f"torch-{self.device.type}", "compiled": self.compiled,
+                **({"tf32": self.tf32} if self.tf32 is not None else {})}
 
     def _fill_noise(self, out, key: NoiseKey, s0: int, s1: int) -> None:
         """Write samples [s0, s1) of stream ``key`` into ``out`` (float32 [s1 - s0, *shape])."""

@@ -60,24 +60,47 @@ def round_robin(tasks: dict[str, Callable[[], object]], *, warmup: int = 1, repe
     return times
 
 
-def matmul_peak(*, size: int = 2048, seconds: float = 3.0, threads: int | None = None) -> dict:
-    """This machine's fp32 matmul rate: median GFLOP/s of ``size`` x ``size`` products (2 size^3 FLOP each).
+def matmul_peak(*, size: int | None = None, seconds: float = 3.0, threads: int | None = None,
+                device: str = "cpu", precision: str = "fp32") -> dict:
+    """This machine's matmul rate on ``device``: median GFLOP/s of ``size`` x ``size`` products (2 size^3 FLOP each).
 
-    Runs for about ``seconds`` (at least 5 products). Uses torch when importable, else numpy.
+    Runs for about ``seconds`` (at least 5 products). CPU: torch when importable, else numpy,
+    default size 2048. CUDA: torch on the GPU with TF32 off for fp32 (true fp32, as the
+    engines run it), each product timed between synchronisations, default size 8192.
+    ``precision`` fp32, bf16 or fp16 (the latter two need torch).
     """
+    cuda = str(device).startswith("cuda")
+    size = int(size or (8192 if cuda else 2048))
     try:
         import torch
 
         if threads:
             torch.set_num_threads(int(threads))
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        out = torch.empty(size, size)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if cuda:
+            from experts.engine import resolve_device
 
-        def product():
-            torch.mm(a, b, out=out)
+            dev = resolve_device(device)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            a, b = (torch.randn(size, size, device=dev, dtype=dtype) for _ in range(2))
+            out = torch.empty(size, size, device=dev, dtype=dtype)
 
-        backend = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+            def product():
+                torch.mm(a, b, out=out)
+                torch.cuda.synchronize(dev)
+
+            backend = f"torch {torch.__version__}, {torch.cuda.get_device_name(dev)}, {precision}"
+        else:
+            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+            out = torch.empty(size, size, dtype=dtype)
+
+            def product():
+                torch.mm(a, b, out=out)
+
+            backend = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {precision}"
     except ImportError:
+        if cuda or precision != "fp32":
+            raise
         rng = np.random.default_rng(0)
         a, b = rng.standard_normal((size, size), dtype=np.float32), rng.standard_normal((size, size), dtype=np.float32)
         out = np.empty((size, size), dtype=np.float32)
@@ -95,7 +118,7 @@ def matmul_peak(*, size: int = 2048, seconds: float = 3.0, threads: int | None =
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return {"gflops": 2.0 * size ** 3 / median / 1e9, "median_s": median, "products": len(times), "size": size,
-            "backend": backend}
+            "backend": backend, "device": str(device), "precision": precision}
 
 
 def naive_cohen_counts(model, x, sigma: float, n: int, batch_size: int, num_classes: int) -> np.ndarray:
@@ -194,7 +217,7 @@ def run_bench(reference: str, *, engines: Sequence[str] = ("torch", "onnxruntime
         except ImportError:
             pass
     say("measuring the fp32 matmul peak ...")
-    peak = matmul_peak(seconds=peak_seconds, threads=threads)
+    peak = matmul_peak(seconds=peak_seconds, threads=threads, device=device)
     flops = {}
     for role, f in models:
         flops[f.name] = _count_flops(f)

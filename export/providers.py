@@ -169,7 +169,8 @@ def choose_providers(
         notes.append(f"TensorRT engine cache: {cache}")
     if CUDA in installed:
         providers.append(CUDA)
-        options.append({"device_id": index})
+        # fp32 means fp32: the CUDA provider runs convolutions and GEMMs in TF32 unless use_tf32 is 0.
+        options.append({"device_id": index, "use_tf32": 0})
     if CPU in installed:
         providers.append(CPU)
         options.append({})

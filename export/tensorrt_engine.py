@@ -81,6 +81,8 @@ def build_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, i
         if not builder.platform_has_fast_fp16:
             raise EngineUnavailableError("this GPU has no fast fp16; build without --fp16")
         config.set_flag(trt.BuilderFlag.FP16)
+    if hasattr(trt.BuilderFlag, "TF32"):  # on by default: fp32 layers would run in TF32 (10-bit mantissa)
+        config.clear_flag(trt.BuilderFlag.TF32)
     shape = tuple(int(d) for d in input_shape)
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (1, *shape), (int(max_batch), *shape), (int(max_batch), *shape))
@@ -144,6 +146,8 @@ class TensorRTCounter(TorchCounter):
         self.precision = precision
         self.dtype = torch.float32  # the engine's I/O is float32; fp16 is internal to its kernels
         self.channels_last = False
+        self.compiled = False
+        self.tf32 = False  # build_engine clears TensorRT's TF32 flag
         self.model = None
         self._generator = torch.Generator(device=self.device)
         self.engine_file = Path(engine_file)

@@ -208,7 +208,7 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
                  temperature: float = 1.0, balance: bool = True, seed: int = 0, data: str | None = None,
                  augment: bool | None = None, threads: int | None = None,
                  holdout: str | None = None, report_n: int = 100, overwrite: bool = False, command: str = "",
-                 log: Callable[[str], None] | None = print) -> Path:
+                 device: str = "cpu", log: Callable[[str], None] | None = print) -> Path:
     """Train a router on ``labels`` for ``experts`` and write the router folder ``out``.
 
     ``labels`` is one labels file or several of disjoint images (merged by
@@ -220,11 +220,15 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
     ``sigma_e`` defaults to the largest expert sigma (Dual RS asks for sigma_e >= max sigma_k;
     smaller values are allowed with a warning). With ``holdout`` (a labels file of other
     images, same experts) the finished router is evaluated with :func:`routing_report` and
-    the report is stored in the training record. Returns the folder path.
+    the report is stored in the training record. ``device`` (``cpu``, ``cuda[:N]``) runs the
+    network and draws the training noise there; crops and flips stay on the host generator.
+    A GPU run draws different noise than a CPU run with the same seed (recorded as
+    ``device_type``). Returns the folder path.
     """
     import torch
 
     from experts.architectures import build_model
+    from experts.engine import resolve_device
     from experts.training import augment as augment_batch
 
     from .dual import check_expert_set, load_router_set
@@ -241,6 +245,7 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
             raise ValueError(f"{name} must be a finite number {'> 0' if name == '--lr' else '>= 0'}, got {value}")
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
+    dev = resolve_device(device)
     label_files = [str(labels)] if isinstance(labels, (str, os.PathLike)) else [str(f) for f in labels]
     if not label_files:
         raise ValueError("no labels file given")
@@ -294,6 +299,8 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
                 "augment": augment, "copies": COPIES}
     if init_folder is not None:
         settings["init"] = {"reference": init_folder.reference, "sha256": weights_hash(init_folder)}
+    if dev.type != "cpu":  # a different noise stream: resuming across device types would mix two runs
+        settings["device_type"] = dev.type
     torch.manual_seed(seed)
     try:
         model = build_model(arch, num_classes=k_experts, input_shape=cfg0.input_shape, mean=cfg0.mean, std=cfg0.std,
@@ -303,15 +310,18 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
     if init_folder is not None:
         fresh = init_from_folder(model, init_folder)
         log(f"initialised from {init_folder.reference}; new (random) tensors: {', '.join(fresh) or 'none'}")
+    model = model.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(epochs), gamma=0.5)
     ckpt_path = out_dir / CHECKPOINT
     start_epoch, history = resume_checkpoint(ckpt_path, settings, model, optimizer, scheduler, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = math.ceil(len(images) / batch)
-    weights_t = torch.from_numpy(weights)
+    weights_t = torch.from_numpy(weights).to(dev)
+    targets = targets.to(dev)
     for epoch in range(start_epoch, epochs):
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        noise_gen = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(seed * 1000 + epoch)
         order = np.random.default_rng(seed * 1000 + epoch).permutation(len(images))
         model.train()
         started = time.perf_counter()
@@ -322,16 +332,18 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
             x = torch.from_numpy(dataset.batch(images[rows]))
             if augment:
                 x = augment_batch(x, gen)
-            noisy = x.unsqueeze(0) + sigma_e * torch.randn((COPIES, *x.shape), generator=gen)
+            x = x.to(dev)
+            noisy = x.unsqueeze(0) + sigma_e * torch.randn((COPIES, *x.shape), generator=noise_gen, device=dev)
             logits = model(noisy.reshape(-1, *x.shape[1:])).reshape(COPIES, len(rows), k_experts)
-            loss, parts = router_loss(logits, targets[rows], weights_t[rows], lam, eta)
+            picked = torch.from_numpy(rows).to(dev)
+            loss, parts = router_loss(logits, targets[picked], weights_t[picked], lam, eta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             sums["loss"] += float(loss.detach()) * len(rows)
             for key, value in parts.items():
                 sums[key] += value * len(rows)
-            agree += int((logits.detach().mean(0).argmax(1).numpy() == best[rows]).sum())
+            agree += int((logits.detach().mean(0).argmax(1).cpu().numpy() == best[rows]).sum())
         scheduler.step()
         record = {"epoch": epoch + 1, **{k: round(v / len(images), 4) for k, v in sums.items()},
                   "noisy_best_expert_accuracy": round(agree / len(images), 4),
@@ -344,7 +356,7 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
         torch.save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history}, tmp)
         os.replace(tmp, ckpt_path)
-    model.eval()
+    model = model.eval().cpu()
     record = {
         "command": command,
         "recipe": "Dual RS router (Sun, Mao and Vechev 2026): softmax-of-radii soft labels, 1/q_k class weights, "
@@ -369,7 +381,7 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
         warnings.simplefilter("ignore")
         load_router_set(str(out_dir))  # the folder must load with its experts, from where it lies
     if holdout_set is not None:
-        report = routing_report_for_folder(str(out_dir), holdout_set, n=report_n, seed=seed, data=data)
+        report = routing_report_for_folder(str(out_dir), holdout_set, n=report_n, seed=seed, data=data, device=device)
         record["holdout_report"] = report
         log(format_report(report))
         config = dataclasses.replace(config, extra={"training": record})

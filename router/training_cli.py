@@ -134,11 +134,14 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
               help="Noisy samples per held-out image for the router's choice in the report.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the router trains: cpu, cuda, cuda:1, ... (GPU noise differs from CPU noise for a seed).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Router folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing model folder.")
 @click.option("--quiet", is_flag=True)
 def train_router_command(labels_files, experts, arch, arch_args, init, sigma_e, epochs, batch, lr, weight_decay, lam, eta,
-                         temperature, balance, augment, data, holdout, report_n, seed, threads, out, force, quiet):
+                         temperature, balance, augment, data, holdout, report_n, seed, threads, device, out, force,
+                         quiet):
     """Train a Dual RS router on a labels file and write a router folder.
 
     Soft labels softmax(R), class weights 1/q_k, and the consistency loss
@@ -166,7 +169,8 @@ def train_router_command(labels_files, experts, arch, arch_args, init, sigma_e, 
                         epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, lam=lam, eta=eta,
                         temperature=temperature, balance=balance, seed=seed,
                         data=data, augment=augment, threads=threads, holdout=holdout, report_n=report_n,
-                        overwrite=force, command=_command_line(), log=None if quiet else click.echo)
+                        overwrite=force, command=_command_line(), device=device,
+                        log=None if quiet else click.echo)
     click.echo(f"wrote {path}")
 
 
@@ -181,7 +185,8 @@ def train_router_command(labels_files, experts, arch, arch_args, init, sigma_e, 
 @click.option("--data", default=None, metavar="PATH", help="Data location (default: the one in the labels file).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def router_report_command(router, holdout, results, n, data, seed, fmt):
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+def router_report_command(router, holdout, results, n, data, seed, fmt, device):
     """Routing diagnostics: radius lost to routing (dR = R* - R_routed) and the router bottleneck.
 
     With --router and --holdout: routing accuracy against the best expert and quantiles/ECDF of dR
@@ -197,7 +202,7 @@ def router_report_command(router, holdout, results, n, data, seed, fmt):
     report = {}
     if router is not None:
         report["routing"] = routing_report_for_folder(router, load_labels(holdout, require_complete=True), n=n,
-                                                      seed=seed, data=data)
+                                                      seed=seed, data=data, device=device)
     if results is not None:
         report["bottleneck"] = bottleneck_report(results)
     click.echo(json.dumps(report, indent=2) if fmt == "json" else format_report(report))

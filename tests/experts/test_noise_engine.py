@@ -278,3 +278,27 @@ def test_compile_needs_the_torch_engine(tmp_path):
     with pytest.raises(EngineUnavailableError, match="needs the torch engine"):
         make_counter(folder, engine="onnxruntime", compile=True)
     assert make_counter(folder, engine="torch", compile=True).compiled
+
+
+def test_layout_and_tf32_metadata_on_the_cpu():
+    # CPU: channels-last by default (AMX/oneDNN), NCHW on request; no TF32 entry in the metadata
+    c = counter()
+    assert c.channels_last is True and "tf32" not in c.describe()
+    nchw = TorchCounter(linear_model(W3, B3, SHAPE), num_classes=3, input_shape=SHAPE, channels_last=False)
+    assert nchw.channels_last is False
+    x = np.full(SHAPE, 0.5, np.float32)
+    key = NoiseKey(0, 0, Stage.EXPERT_ESTIMATE)
+    assert np.array_equal(nchw.counts(x, 0.5, 300, key=key), c.counts(x, 0.5, 300, key=key))
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_is_nchw_without_tf32():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    c = TorchCounter(linear_model(W3, B3, SHAPE), num_classes=3, input_shape=SHAPE, device="cuda")
+    assert c.channels_last is False and c.describe()["tf32"] is False
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    bf16 = TorchCounter(linear_model(W3, B3, SHAPE), num_classes=3, input_shape=SHAPE, device="cuda",
+                        precision="bf16")
+    assert bf16.channels_last is True and "tf32" not in bf16.describe()

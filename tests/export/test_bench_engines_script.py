@@ -33,3 +33,39 @@ def test_bench_engines_runs_and_reports_every_engine(tmp_path, capsys):
     assert report["flops_per_sample"] == 81_626_368  # ResNet-20 at 32x32: 81.6 MFLOP (PLATFORM_NOTES)
     assert report["agreement"].startswith("pending")
     assert "| onnxruntime int8 |" in capsys.readouterr().out
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_engines", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_engines_gpu_table_needs_a_gpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU table runs (see the gpu-marked test)")
+    from experts.errors import EngineUnavailableError
+
+    with pytest.raises(EngineUnavailableError, match="no CUDA GPU"):
+        _load_script().main(["--device", "cuda", "--expert", str(tmp_path / "missing"), "--data", str(tmp_path)])
+
+
+@pytest.mark.gpu
+def test_bench_engines_gpu_table(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = tmp_path / "engines.json"
+    code = _load_script().main(["--device", "cuda", "--expert", str(tmp_path / "missing"), "--data", str(tmp_path),
+                                "--batch", "256", "--samples", "512", "--repeats", "1", "--warmup", "1",
+                                "--peak-seconds", "0.5", "--calibration", "16", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = report["throughput"]["256"]
+    assert {"baseline (Cohen loop, fp32 eager)", "torch fp32", "torch bf16", "torch fp16"} <= set(rows)
+    assert all(r["samples_per_s"] > 0 for r in rows.values())
+    # every GPU row either ran or says why not (ORT providers, TensorRT)
+    assert set(rows) | set(report["skipped"]) >= {"onnxruntime-cuda fp32", "tensorrt fp32", "tensorrt fp16"}
+    assert report["peak_bf16"]["gflops"] > report["peak_runs"][0]["gflops"] * 0.5

@@ -31,7 +31,7 @@ def test_cuda_auto_prefers_tensorrt_then_cuda_then_cpu(installed, tmp_path):
     plan = choose_providers(device="cuda:1", engine_cache_dir=tmp_path, input_shape=(3, 32, 32), max_batch=256)
     assert plan.providers == (TENSORRT, CUDA, CPU) and plan.required == TENSORRT
     trt, cuda, _ = plan.options
-    assert trt["device_id"] == 1 and cuda == {"device_id": 1}
+    assert trt["device_id"] == 1 and cuda == {"device_id": 1, "use_tf32": 0}
     assert trt["trt_engine_cache_enable"] is True and trt["trt_engine_cache_path"] == str(tmp_path)
     assert trt["trt_fp16_enable"] is False
     assert trt["trt_profile_min_shapes"] == "pixels:1x3x32x32"
@@ -47,7 +47,7 @@ def test_tensorrt_fp16_flag(installed, tmp_path):
 def test_cuda_without_tensorrt_uses_cuda(installed):
     installed(CUDA, CPU)
     plan = choose_providers(device="cuda")
-    assert plan.providers == (CUDA, CPU) and plan.required == CUDA and plan.options[0] == {"device_id": 0}
+    assert plan.providers == (CUDA, CPU) and plan.required == CUDA and plan.options[0] == {"device_id": 0, "use_tf32": 0}
 
 
 def test_cuda_requested_but_missing_is_a_clear_error(installed):

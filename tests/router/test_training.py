@@ -407,3 +407,33 @@ def test_confidence_head_router_starts_from_the_whole_expert(tiny_labels):
         last.weight.copy_(last.weight[perm])
         last.bias.copy_(last.bias[perm])
         assert torch.allclose(model(x), before, atol=1e-6)
+
+
+def test_train_router_on_a_missing_gpu_fails_before_writing(tiny_labels):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from experts.errors import EngineUnavailableError
+
+    experts, labels, _, tmp = tiny_labels
+    with pytest.raises(EngineUnavailableError, match="no CUDA GPU"):
+        train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "gpu"), arch="linear",
+                     epochs=1, device="cuda", log=None)
+    assert not (tmp / "gpu").exists()
+
+
+@pytest.mark.gpu
+def test_train_router_on_gpu_is_deterministic_and_records_the_device(tiny_labels):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    experts, labels, holdout, tmp = tiny_labels
+    common = dict(labels=str(labels), experts=[str(e) for e in experts], arch="small_cnn",
+                  arch_args={"channels": [4], "hidden": 8}, epochs=2, batch=16, seed=3, device="cuda",
+                  holdout=str(holdout), report_n=20, log=None)
+    a = train_router(out=str(tmp / "ga"), **common)
+    b = train_router(out=str(tmp / "gb"), **common)
+    wa, wb = _weights(a), _weights(b)
+    assert all(np.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    record = json.loads((a / "config.json").read_text())["training"]
+    assert record["device_type"] == "cuda" and record["holdout_report"]["images"] == 20
