@@ -16,7 +16,7 @@ changes hit all of them alike):
 * ONNX Runtime int8 (static QDQ, calibrated at the expert's sigma).
 
 Each row gets its ratio to the baseline and its fraction of the fp32 FLOP-bound limit
-(measured 2048^2 matmul peak / counted FLOPs per sample). With a trained expert and the
+(measured 2048^2 matmul peak, the best of torch's and numpy's BLAS, / counted FLOPs per sample). With a trained expert and the
 CIFAR-10 test set (``--data``), it also certifies ``--agreement-images`` test images with
 every engine and reports how often certified predictions (abstentions included) and
 radii agree with the torch fp32 engine.
@@ -301,6 +301,8 @@ def main(argv=None) -> int:
             log(f"agreement: certifying {args.agreement_images} test images per engine at N={args.agreement_n} ...")
             result["agreement"] = agreement(folder, test, args.agreement_images, 100, args.agreement_n,
                                             max(batches), args.threads, log, args.device)
+        elif args.agreement_images <= 0:
+            result["agreement"] = "not measured (--agreement-images 0)"
         else:
             result["agreement"] = f"pending: needs a trained expert and the {args.dataset} test split"
     print(render(result))
@@ -310,13 +312,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def _peak_library(result: dict) -> str:
+    """The library behind the peak that set the bound, and every library's rate."""
+    runs = [r for r in result.get("peak_runs", []) if r.get("gflops") == result["peak_gflops"]]
+    if not runs:
+        return "?"
+    rates = ", ".join(f"{name.split(',')[0]} {rate:.0f}" for name, rate in runs[0].get("libraries", {}).items())
+    return f"{runs[0]['backend'].split(',')[0]}; {rates}" if rates else runs[0]["backend"]
+
+
 def render(result: dict) -> str:
     """Markdown tables of a result dict."""
     if "throughput" in result:
         lines = [f"Expert: {result['expert']}. sigma={result['sigma']}, {result['flops_per_sample'] / 1e6:.1f} "
                  f"MFLOP/sample (counted), device {result.get('device_name', 'cpu')}, threads={result['threads']}, "
-                 f"fp32 matmul peak {result['peak_gflops']:.0f} "
-                 f"GFLOP/s -> FLOP bound {result['flop_bound_samples_per_s']:,.0f} samples/s. Medians of "
+                 f"fp32 matmul peak {result['peak_gflops']:.0f} GFLOP/s "
+                 f"({_peak_library(result)}) -> FLOP bound {result['flop_bound_samples_per_s']:,.0f} samples/s. Medians of "
                  f"{result['repeats']} runs of {result['samples']} samples.", ""]
     else:
         lines = [f"Expert: {result['expert']}. sigma={result['sigma']} (timing skipped)."]

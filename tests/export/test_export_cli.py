@@ -122,3 +122,43 @@ def test_bench_torch_compile_rows(run, exported_folder, tmp_path, monkeypatch):
     assert all(r["samples_per_s"] > 0 and not r["skipped"] for r in rows.values())
     assert sorted(compiled) == ["torch.bfloat16", "torch.float32"]  # only the torch-compile rows compile
     assert "| tiny-expert | torch-compile | bf16 | 50 |" in result.output
+
+
+def test_matmul_peak_is_the_best_library_and_keeps_each_rate():
+    from export.bench import matmul_peak
+
+    peak = matmul_peak(size=256, seconds=0.2, threads=1)
+    assert sorted(name.split()[0] for name in peak["libraries"]) == ["numpy", "torch"]
+    assert peak["gflops"] == max(peak["libraries"].values())
+    assert peak["libraries"][peak["backend"]] == peak["gflops"]
+    assert all("1 threads" in name for name in peak["libraries"])
+    assert peak["gflops"] == pytest.approx(2 * 256 ** 3 / peak["median_s"] / 1e9)
+
+
+def test_matmul_peak_numpy_child_is_limited_to_the_threads_asked(monkeypatch):
+    import export.bench as bench
+
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen.update(env)
+
+        class Done:
+            returncode, stdout, stderr = 0, '{"median_s": 0.5, "products": 7}\n', ""
+        return Done()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    assert bench._numpy_products(64, 0.1, 3) == (0.5, 7)
+    assert seen["OPENBLAS_NUM_THREADS"] == "3" and seen["OMP_NUM_THREADS"] == "3"
+
+
+def test_matmul_peak_survives_a_failing_numpy_child(monkeypatch):
+    import export.bench as bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no BLAS here")
+
+    monkeypatch.setattr(bench, "_numpy_products", broken)
+    peak = bench.matmul_peak(size=128, seconds=0.1, threads=1)
+    assert peak["backend"].startswith("torch") and list(peak["libraries"]) == [peak["backend"]]
+    assert "no BLAS here" in next(iter(peak["errors"].values()))
