@@ -8,19 +8,14 @@
 # Writes router/zoo/sweep-<V> folders (not committed) and $RESULTS/holdout-*.tsv, holdout-table.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-../shared/data}
 DEVICE=${DEVICE:-cpu}
 EPOCHS=${EPOCHS:-20}
 HN=${HN:-2000}
 VARIANTS=${VARIANTS:-"A B C D E F G H"}
 RESULTS=${RESULTS:-benchmarks/results/router-sweep}
 RUNS=benchmarks/results/zoo-labels
-if [ ! -f "$DATA/cifar10_train.npz" ]; then
-  echo "skip: $DATA/cifar10_train.npz not found (set DATA=folder with cifar10_train.npz)" >&2
-  exit 0
-fi
-Z=experts/zoo/cifar10-resnet20-sigma
-E=(--expert ${Z}0.25 --expert ${Z}0.5 --expert ${Z}1.0)
+# shellcheck source=benchmarks/zoo_common.sh
+source benchmarks/zoo_common.sh
 LABELS=(--labels $RUNS/labels-train-2000.npz --labels $RUNS/labels-train-2000-8000.npz)
 declare -A RECIPE=(
   [A]="--lambda 4 --temperature 0.1"  [B]="--lambda 10 --temperature 0.1" [C]="--lambda 20 --temperature 0.1"
@@ -30,8 +25,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$RESULTS"
 # the held-out images as an npz for `certify --dataset npz:` (a temporary copy, outside the repository)
-python3 -c "import numpy as np, sys; a = np.load(sys.argv[1]); np.savez(sys.argv[2], x=a['x'][49500:], y=a['y'][49500:])" \
-  "$DATA/cifar10_train.npz" "$WORK/holdout.npz"
+holdout_npz "$WORK/holdout.npz"
 pids=()
 for v in $VARIANTS; do
   # shellcheck disable=SC2086
