@@ -95,15 +95,12 @@ def _time_products(product: Callable[[], object], seconds: float) -> tuple[float
 
 
 def _numpy_products(size: int, seconds: float, threads: int | None) -> tuple[float, int]:
-    """numpy's (its BLAS's) fp32 matmul timing. With ``threads`` it runs in a child process whose BLAS
-    is limited to that many threads (numpy cannot change its thread count once loaded)."""
-    if not threads:
-        rng = np.random.default_rng(0)
-        a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
-        out = np.empty((size, size), dtype=np.float32)
-        return _time_products(lambda: np.matmul(a, b, out=out), seconds)
-    env = dict(os.environ, **{k: str(int(threads)) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                                               "MKL_NUM_THREADS", "BLIS_NUM_THREADS")})
+    """numpy's (its BLAS's) fp32 matmul timing, (median seconds, count), in a child process: numpy cannot
+    change its BLAS thread count once loaded, so the child's is set to ``threads`` (when given) before."""
+    env = dict(os.environ)
+    if threads:
+        env.update({k: str(int(threads)) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                   "BLIS_NUM_THREADS")})
     done = subprocess.run([sys.executable, "-c", _NUMPY_PEAK, str(size), str(seconds)], env=env,
                           capture_output=True, text=True, timeout=120 + 10 * seconds)
     if done.returncode != 0:

@@ -150,6 +150,17 @@ def test_matmul_peak_numpy_child_is_limited_to_the_threads_asked(monkeypatch):
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     assert bench._numpy_products(64, 0.1, 3) == (0.5, 7)
     assert seen["OPENBLAS_NUM_THREADS"] == "3" and seen["OMP_NUM_THREADS"] == "3"
+    seen.clear()
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    bench._numpy_products(64, 0.1, None)
+    assert "OPENBLAS_NUM_THREADS" not in seen
+
+
+def test_matmul_peak_numpy_child_really_times():
+    import export.bench as bench
+
+    median, products = bench._numpy_products(128, 0.05, 1)
+    assert products >= 5 and 0 < median < 5
 
 
 def test_matmul_peak_survives_a_failing_numpy_child(monkeypatch):
