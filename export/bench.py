@@ -66,19 +66,15 @@ def round_robin(tasks: dict[str, Callable[[], object]], *, warmup: int = 1, repe
 
 
 _NUMPY_PEAK = """
-import json, statistics, sys, time
+import json, sys
 import numpy as np
+from export.bench import _time_products
 size, seconds = int(sys.argv[1]), float(sys.argv[2])
 rng = np.random.default_rng(0)
 a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
 out = np.empty((size, size), dtype=np.float32)
-np.matmul(a, b, out=out)
-times, deadline = [], time.perf_counter() + seconds
-while len(times) < 5 or time.perf_counter() < deadline:
-    start = time.perf_counter()
-    np.matmul(a, b, out=out)
-    times.append(time.perf_counter() - start)
-print(json.dumps({"median_s": statistics.median(times), "products": len(times)}))
+median, products = _time_products(lambda: np.matmul(a, b, out=out), seconds)
+print(json.dumps({"median_s": median, "products": products}))
 """
 
 
@@ -122,6 +118,7 @@ def matmul_peak(*, size: int | None = None, seconds: float = 3.0, threads: int |
     """
     cuda = str(device).startswith("cuda")
     size = int(size or (8192 if cuda else 2048))
+    both_blas = not cuda and precision == "fp32"  # the CPU fp32 peak: torch's and numpy's BLAS
     timings: dict[str, tuple[float, int]] = {}
     errors: dict[str, str] = {}
     try:
@@ -155,9 +152,8 @@ def matmul_peak(*, size: int | None = None, seconds: float = 3.0, threads: int |
                 torch.mm(a, b, out=out)
 
             name = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {precision}"
-        share = seconds / 2 if not cuda and precision == "fp32" else seconds
-        timings[name] = _time_products(product, share)
-    if not cuda and precision == "fp32":
+        timings[name] = _time_products(product, seconds / 2 if both_blas else seconds)
+    if both_blas:
         name = f"numpy {np.__version__}, {threads or 'default'} threads, fp32"
         try:
             timings[name] = _numpy_products(size, seconds / 2 if timings else seconds, threads)
