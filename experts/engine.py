@@ -55,6 +55,16 @@ def validate_request(counter, xs: np.ndarray, sigma: float, n: int, keys) -> np.
     return xs
 
 
+def check_offsets(offsets, num_classes: int) -> np.ndarray | None:
+    """Validate per-class logit offsets: None, or ``num_classes`` finite numbers -> float32 array."""
+    if offsets is None:
+        return None
+    values = np.asarray(offsets, dtype=np.float64)
+    if values.shape != (num_classes,) or not np.all(np.isfinite(values)):
+        raise ValueError(f"logit offsets must be {num_classes} finite numbers (one per class), got {offsets!r}")
+    return values.astype(np.float32)
+
+
 def batch_segments(num_images: int, n: int, batch_size: int):
     """Split the flattened (image, sample) space into forward batches.
 
@@ -196,6 +206,12 @@ class TorchCounter:
         self.compiled = bool(compile)
         self._forward = _compile_model(model, self.dtype, self.channels_last) if self.compiled else None
         self._generator = torch.Generator(device=self.device)
+        self.logit_offsets: np.ndarray | None = None
+
+    def set_logit_offsets(self, offsets) -> None:
+        """Add fixed per-class ``offsets`` (float32) to every logit vector before the argmax
+        (a calibrated router's config ``logit_offsets``); None removes them."""
+        self.logit_offsets = check_offsets(offsets, self.num_classes)
 
     def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey) -> np.ndarray:
         return self.counts_many(np.asarray(x)[None], sigma, n, keys=[key])[0]
@@ -204,6 +220,7 @@ class TorchCounter:
         """What run metadata records about this engine (the noise stream depends on the device type)."""
         return {"engine": self.engine, "precision": self.precision, "device": str(self.device),
                 "noise": f"torch-{self.device.type}", "compiled": self.compiled,
+                **({"logit_offsets": self.logit_offsets.tolist()} if self.logit_offsets is not None else {}),
                 **({"tf32": self.tf32} if self.tf32 is not None else {})}
 
     def _fill_noise(self, out, key: NoiseKey, s0: int, s1: int) -> None:
@@ -230,28 +247,55 @@ class TorchCounter:
             raise
         return out[:size]
 
-    def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:
+    def _noisy_batches(self, xs: np.ndarray, sigma: float, n: int, keys: Sequence[NoiseKey]):
+        """Yield ``(segments, logits)`` per forward batch: the noisy copies of ``segments`` and the
+        network's logits on them (with the folder's logit offsets, if any), on the device."""
         import torch
 
-        xs = validate_request(self, xs, sigma, n, keys)
-        k = self.num_classes
         # inference_mode tensors cannot enter a compiled graph that was traced outside it
         with (torch.no_grad() if self.compiled else torch.inference_mode()):
             images = torch.as_tensor(xs, device=self.device)
-            totals = torch.zeros(len(xs) * k, dtype=torch.int64, device=self.device)
             buffer = torch.empty((min(self.batch_size, len(xs) * n), *self.input_shape), device=self.device)
+            offsets = (None if self.logit_offsets is None
+                       else torch.as_tensor(self.logit_offsets, device=self.device))
             for segments in batch_segments(len(xs), n, self.batch_size):
-                size = sum(s1 - s0 for _, s0, s1 in segments)
-                batch = buffer[:size]
-                owners = []
+                batch = buffer[:sum(s1 - s0 for _, s0, s1 in segments)]
                 offset = 0
                 for image, s0, s1 in segments:
                     part = batch[offset : offset + s1 - s0]
                     self._fill_noise(part, keys[image], s0, s1)
                     part.mul_(sigma).add_(images[image])
-                    owners.append(torch.full((s1 - s0,), image * k, dtype=torch.int64, device=self.device))
                     offset += s1 - s0
-                predictions = self.logits(batch).argmax(dim=1)
-                flat = predictions if len(owners) == 1 and segments[0][0] == 0 else predictions + torch.cat(owners)
-                totals += torch.bincount(flat, minlength=len(xs) * k)
-            return totals.view(len(xs), k).cpu().numpy().astype(np.int64)
+                logits = self.logits(batch)
+                if offsets is not None:
+                    logits = logits.float() + offsets
+                yield segments, logits
+
+    def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:
+        import torch
+
+        xs = validate_request(self, xs, sigma, n, keys)
+        k = self.num_classes
+        totals = torch.zeros(len(xs) * k, dtype=torch.int64, device=self.device)
+        for segments, logits in self._noisy_batches(xs, sigma, n, keys):
+            predictions = logits.argmax(dim=1)
+            if len(segments) == 1 and segments[0][0] == 0:
+                flat = predictions
+            else:
+                flat = predictions + torch.cat([torch.full((s1 - s0,), image * k, dtype=torch.int64,
+                                                           device=self.device) for image, s0, s1 in segments])
+            totals += torch.bincount(flat, minlength=len(xs) * k)
+        return totals.view(len(xs), k).cpu().numpy().astype(np.int64)
+
+    def logits_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:
+        """float32 [len(xs), n, num_classes]: the logits behind :meth:`counts_many`, sample by sample
+        (same noise streams, so ``argmax`` of these gives exactly its counts)."""
+        xs = validate_request(self, xs, sigma, n, keys)
+        out = np.empty((len(xs), n, self.num_classes), dtype=np.float32)
+        for segments, logits in self._noisy_batches(xs, sigma, n, keys):
+            values = logits.float().cpu().numpy()
+            offset = 0
+            for image, s0, s1 in segments:
+                out[image, s0:s1] = values[offset:offset + s1 - s0]
+                offset += s1 - s0
+        return out

@@ -51,6 +51,7 @@ class ModelConfig:
     class_names: tuple[str, ...] | None = None
     experts: tuple[str, ...] | None = None
     name: str | None = None
+    logit_offsets: tuple[float, ...] | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -106,14 +107,20 @@ class ModelConfig:
                 raise bad(f"'class_names' must list {num_classes} names, got {class_names!r}")
             class_names = tuple(str(c) for c in class_names)
         name = data.get("name")
+        offsets = data.get("logit_offsets")
+        if offsets is not None and (
+                not isinstance(offsets, list) or len(offsets) != num_classes
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in offsets)):
+            raise bad(f"'logit_offsets' must list {num_classes} finite numbers (one per class), got {offsets!r}")
         known = {"kind", "sigma", "num_classes", "input_shape", "mean", "std", "architecture",
-                 "architecture_args", "class_names", "experts", "name"}
+                 "architecture_args", "class_names", "experts", "name", "logit_offsets"}
         return cls(
             kind=kind, sigma=float(sigma), num_classes=int(num_classes), input_shape=tuple(shape),
             mean=stats["mean"], std=stats["std"], architecture=architecture,
             architecture_args=dict(architecture_args), class_names=class_names,
             experts=tuple(experts) if experts is not None else None,
             name=str(name) if name is not None else None,
+            logit_offsets=tuple(float(v) for v in offsets) if offsets is not None else None,
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -130,6 +137,8 @@ class ModelConfig:
             out["architecture_args"] = dict(self.architecture_args)
         if self.experts is not None:
             out["experts"] = list(self.experts)
+        if self.logit_offsets is not None:
+            out["logit_offsets"] = list(self.logit_offsets)
         out.update(self.extra)
         return out
 
@@ -319,8 +328,11 @@ ENGINES = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def make_counter(folder: ModelFolder, *, engine: str = "auto", device: str = "cpu", batch_size: int = 400,
-                 precision: str = "fp32", threads: int | None = None, **engine_options):
+                 precision: str = "fp32", threads: int | None = None, raw_logits: bool = False, **engine_options):
     """Build the :class:`~experts.engine.NoisyCounter` that runs ``folder``'s network.
+
+    A config's ``logit_offsets`` are added to the network's logits before every argmax, on
+    every engine; ``raw_logits=True`` leaves them out (to collect the network's own scores).
 
     ``auto`` picks ONNX Runtime for int8 or when there is no ``model.safetensors``, else torch.
     ``threads`` sets ONNX Runtime's intra-op threads (torch's are process-wide: ``torch.set_num_threads``).
@@ -342,14 +354,19 @@ def make_counter(folder: ModelFolder, *, engine: str = "auto", device: str = "cp
 
         model = folder.load_torch_model()
         _check_output_width(model, cfg, folder.reference)
-        return TorchCounter(model, num_classes=cfg.num_classes, input_shape=cfg.input_shape, device=device,
-                            batch_size=batch_size, precision=precision, compile=compile_, **engine_options)
-    try:
-        from export import runtime
-    except ImportError as exc:  # pragma: no cover - the export package ships with this one
-        raise EngineUnavailableError(f"engine {engine!r} needs the export package: {exc}") from None
-    return runtime.make_counter(folder, engine=engine, device=device, batch_size=batch_size,
-                                precision=precision, **engine_options)
+        counter = TorchCounter(model, num_classes=cfg.num_classes, input_shape=cfg.input_shape, device=device,
+                               batch_size=batch_size, precision=precision, compile=compile_, **engine_options)
+    else:
+        try:
+            from export import runtime
+        except ImportError as exc:  # pragma: no cover - the export package ships with this one
+            raise EngineUnavailableError(f"engine {engine!r} needs the export package: {exc}") from None
+        counter = runtime.make_counter(folder, engine=engine, device=device, batch_size=batch_size,
+                                       precision=precision, **engine_options)
+    if cfg.logit_offsets is not None and not raw_logits:
+        # a calibrated router: fixed per-class offsets on the logits, the same on every engine
+        counter.set_logit_offsets(cfg.logit_offsets)
+    return counter
 
 
 def _check_output_width(model, cfg: ModelConfig, reference: str) -> None:

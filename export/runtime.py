@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experts.engine import batch_segments, validate_request
+from experts.engine import batch_segments, check_offsets, validate_request
 from experts.errors import EngineUnavailableError, ModelFormatError
 from experts.noise import BLOCK, NoiseKey, blocks_for, fill_torch_noise, numpy_block
 from experts.stats import check_count
@@ -184,12 +184,14 @@ class OrtCounter:
                          for _ in range(2 if self.prefetch else 1)]
         self._logits = np.empty((self.batch_size, self.num_classes), dtype=np.float32)
         self._binding = self.session.io_binding() if self.io_binding and self.plan.required == CPU else None
+        self.logit_offsets: np.ndarray | None = None
 
     def describe(self) -> dict:
         """What run metadata should record about this engine."""
         return {"engine": self.engine, "precision": self.precision, "model_file": self.model_path.name,
                 "model_sha256": self.model_sha256, "providers": self.providers, "noise": self.noise_source,
-                "prefetch": self.prefetch}
+                "prefetch": self.prefetch,
+                **({"logit_offsets": self.logit_offsets.tolist()} if self.logit_offsets is not None else {})}
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 [b, num_classes] for a C-contiguous float32 batch [b, *input_shape], b <= batch_size.
@@ -213,15 +215,14 @@ class OrtCounter:
     def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey) -> np.ndarray:
         return self.counts_many(np.asarray(x)[None], sigma, n, keys=[key])[0]
 
-    def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:
-        """int64 [len(xs), num_classes]: per image, the argmax counts over its ``n`` noisy samples.
+    def set_logit_offsets(self, offsets) -> None:
+        """Add fixed per-class ``offsets`` (float32) to every logit vector before the argmax
+        (a calibrated router's config ``logit_offsets``); None removes them."""
+        self.logit_offsets = check_offsets(offsets, self.num_classes)
 
-        Image i's samples come from stream ``keys[i]``; the result does not depend on
-        ``batch_size`` or on which images share a batch.
-        """
-        xs = np.ascontiguousarray(validate_request(self, xs, sigma, n, keys))
-        k = self.num_classes
-        totals = np.zeros((len(xs), k), dtype=np.int64)
+    def _noisy_batches(self, xs: np.ndarray, sigma: float, n: int, keys: Sequence[NoiseKey]):
+        """Yield ``(segments, logits)`` per forward batch (logits with the logit offsets, if any;
+        a view of a buffer that the next batch overwrites)."""
         plan = list(batch_segments(len(xs), n, self.batch_size))
 
         def fill(buffer, segments):
@@ -233,17 +234,16 @@ class OrtCounter:
                 offset += s1 - s0
             return batch
 
-        def count(batch, segments):
-            predictions = self.logits(batch).argmax(axis=1)
-            offset = 0
-            for image, s0, s1 in segments:
-                totals[image] += np.bincount(predictions[offset:offset + s1 - s0], minlength=k)[:k]
-                offset += s1 - s0
+        def run(batch):
+            logits = self.logits(batch)
+            if self.logit_offsets is not None:
+                logits = logits + self.logit_offsets
+            return logits
 
         if not self.prefetch or len(plan) == 1:
             for segments in plan:
-                count(fill(self._buffers[0], segments), segments)
-            return totals
+                yield segments, run(fill(self._buffers[0], segments))
+            return
         # Double buffering: a worker thread draws batch i + 1's noise while ORT (which releases
         # the GIL) runs batch i. Each batch's contents are fixed by its keys, so results are
         # identical to the sequential loop; only the timing overlaps.
@@ -253,8 +253,35 @@ class OrtCounter:
                 batch = pending.result()
                 if i + 1 < len(plan):
                     pending = pool.submit(fill, self._buffers[(i + 1) % 2], plan[i + 1])
-                count(batch, segments)
+                yield segments, run(batch)
+
+    def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:
+        """int64 [len(xs), num_classes]: per image, the argmax counts over its ``n`` noisy samples.
+
+        Image i's samples come from stream ``keys[i]``; the result does not depend on
+        ``batch_size`` or on which images share a batch.
+        """
+        xs = np.ascontiguousarray(validate_request(self, xs, sigma, n, keys))
+        k = self.num_classes
+        totals = np.zeros((len(xs), k), dtype=np.int64)
+        for segments, logits in self._noisy_batches(xs, sigma, n, keys):
+            predictions = logits.argmax(axis=1)
+            offset = 0
+            for image, s0, s1 in segments:
+                totals[image] += np.bincount(predictions[offset:offset + s1 - s0], minlength=k)[:k]
+                offset += s1 - s0
         return totals
+
+    def logits_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:
+        """float32 [len(xs), n, num_classes]: the logits behind :meth:`counts_many`, sample by sample."""
+        xs = np.ascontiguousarray(validate_request(self, xs, sigma, n, keys))
+        out = np.empty((len(xs), n, self.num_classes), dtype=np.float32)
+        for segments, logits in self._noisy_batches(xs, sigma, n, keys):
+            offset = 0
+            for image, s0, s1 in segments:
+                out[image, s0:s1] = logits[offset:offset + s1 - s0]
+                offset += s1 - s0
+        return out
 
 
 def make_counter(folder, *, engine: str = "onnxruntime", device: str = "cpu", batch_size: int = 400,

@@ -150,6 +150,7 @@ class TensorRTCounter(TorchCounter):
         self.tf32 = False  # build_engine clears TensorRT's TF32 flag
         self.model = None
         self._generator = torch.Generator(device=self.device)
+        self.logit_offsets = None
         self.engine_file = Path(engine_file)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)

@@ -322,6 +322,9 @@ _PLUGIN_COMMANDS: list[tuple[str, str]] = [
     ("router.training_cli", "labels_command"),
     ("router.training_cli", "train_router_command"),
     ("router.training_cli", "router_report_command"),
+    ("router.calibrate_cli", "router_scores_command"),
+    ("router.calibrate_cli", "calibrate_router_command"),
+    ("router.calibrate_cli", "compose_command"),
     ("export.cli", "export_command"),
     ("export.cli", "bench_command"),
 ]

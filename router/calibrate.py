@@ -1,0 +1,433 @@
+"""Router calibration: per-expert logit offsets chosen on held-out dual certificates.
+
+A router's base classifier is ``argmax_k f_k(x)``. Adding fixed offsets ``b_k`` to its
+logits, ``argmax_k f_k(x) + b_k``, is another deterministic base classifier, so Dual RS
+stays valid for any ``b`` fixed before the test data are seen. The offsets move the
+router's decision boundaries: a bias towards an expert makes the router choose it more
+often and, where the router hesitated between two experts, more consistently, which
+raises R_sigma. Which offsets are best depends on what the dual certificate gains or
+loses per image, so they are chosen by simulating that certificate exactly:
+
+1. :func:`collect_scores` stores the router's logits on every noisy copy of held-out
+   images, from the same noise streams (seed, index, stage) that dual CERTIFY draws;
+2. each expert's standalone certificate on the same images (a ``certify --expert`` TSV)
+   supplies the expert stage: dual CERTIFY certifies the routed expert with the same
+   streams as a standalone run with the same seed, so its counts are the same;
+3. :func:`simulate` replays dual CERTIFY for any offsets (same float32 arithmetic as the
+   engines, same Clopper-Pearson bounds), and :func:`fit_offsets` grid-searches the
+   offsets with the highest held-out ACR.
+
+The expert certificates are re-derived at the dual run's alpha from their counts, which
+requires that alpha to be at most the one the TSV was certified at (a certificate that
+abstains at alpha abstains at every smaller alpha).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from experts.errors import DataError, ResumeMismatchError
+from experts.noise import NoiseKey, Stage
+from experts.stats import ABSTAIN, check_alpha, lower_confidence_bound
+
+SCORES_FORMAT = "dualrs-route router scores v1"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Router scores: logits on every noisy copy of the router stage
+# ---------------------------------------------------------------------------------------------
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def collect_scores(counter, images_of: Callable[[Sequence[int]], np.ndarray], labels: Sequence[int],
+                   indices: Sequence[int], *, sigma: float, n0: int, n: int, seed: int, out: str | os.PathLike,
+                   settings: dict, chunk: int = 10, progress: Callable | None = None) -> Path:
+    """Write the router's raw logits on its selection and estimation samples to ``out`` (.npz).
+
+    ``counter`` must offer ``logits_many`` (torch and ONNX Runtime engines) and must not add
+    logit offsets. Image ``indices[i]`` uses the noise streams (seed, index, ROUTER_SELECT /
+    ROUTER_ESTIMATE) of dual CERTIFY. Work is saved every ``chunk`` images in ``out``.parts/,
+    and a re-run with the same ``settings`` resumes there; the final file is written atomically.
+    """
+    if not hasattr(counter, "logits_many"):
+        raise DataError(f"engine {getattr(counter, 'engine', '?')} cannot return logits; use --engine torch or "
+                        "onnxruntime")
+    if getattr(counter, "logit_offsets", None) is not None:
+        raise DataError("router scores are the network's raw logits: build the counter with raw_logits=True")
+    out = Path(out)
+    parts = out.with_name(out.name + ".parts")
+    meta = {"format": SCORES_FORMAT, "indices": [int(i) for i in indices], "sigma": float(sigma), "n0": int(n0),
+            "n": int(n), "seed": int(seed), **settings}
+    parts.mkdir(parents=True, exist_ok=True)
+    meta_file = parts / "meta.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        if old != json.loads(json.dumps(meta)):
+            diffs = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+            raise ResumeMismatchError(f"{parts} holds scores with other settings ({', '.join(diffs)}); "
+                                      f"delete it or choose another --out")
+    else:
+        meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+    groups = [list(indices[i:i + chunk]) for i in range(0, len(indices), chunk)]
+    todo = [g for g in range(len(groups)) if not (parts / f"{g:06d}.npz").exists()]
+    iterator = progress(todo, len(todo)) if progress else todo
+    for g in iterator:
+        idx = groups[g]
+        xs = images_of(idx)
+        select = counter.logits_many(xs, sigma, n0, keys=[NoiseKey(seed, i, Stage.ROUTER_SELECT) for i in idx])
+        estimate = counter.logits_many(xs, sigma, n, keys=[NoiseKey(seed, i, Stage.ROUTER_ESTIMATE) for i in idx])
+        _save_npz_atomic(parts / f"{g:06d}.npz", select=select, estimate=estimate)
+    select, estimate = [], []
+    for g in range(len(groups)):
+        with np.load(parts / f"{g:06d}.npz") as part:
+            select.append(part["select"])
+            estimate.append(part["estimate"])
+    _save_npz_atomic(out, idx=np.asarray(indices, dtype=np.int64), label=np.asarray(labels, dtype=np.int64),
+                     select=np.concatenate(select), estimate=np.concatenate(estimate),
+                     meta=np.asarray(json.dumps(meta)))
+    shutil.rmtree(parts)
+    return out
+
+
+@dataclass
+class RouterScores:
+    idx: np.ndarray        # int64 [m]
+    label: np.ndarray      # int64 [m]
+    select: np.ndarray     # float32 [m, n0, K]
+    estimate: np.ndarray   # float32 [m, n, K]
+    meta: dict
+
+    @property
+    def sigma(self) -> float:
+        return float(self.meta["sigma"])
+
+
+def load_scores(path: str | os.PathLike) -> RouterScores:
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("format") != SCORES_FORMAT:
+                raise DataError(f"{path}: not a router scores file (format {meta.get('format')!r})")
+            return RouterScores(data["idx"], data["label"], data["select"], data["estimate"], meta)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read router scores ({exc}); create it with `dualrs-route router-scores`") \
+            from None
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The expert stage, from standalone expert certificates
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ExpertStage:
+    """One expert's standalone CERTIFY results on the scored images, re-derivable at any alpha <= its own."""
+
+    path: str
+    name: str
+    sigma: float
+    n: int
+    alpha: float
+    guess: np.ndarray   # int64 [m]: the certified class, ABSTAIN where the file abstained
+    count: np.ndarray   # int64 [m]: the estimation count of the selected class
+    metadata: dict
+
+
+def _read_tsv(path: str | os.PathLike) -> tuple[list[str], list[list[str]], dict]:
+    from .results import sidecar_path
+
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+        meta = json.loads(sidecar_path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {path} and its .json sidecar: {exc}") from None
+    if not lines:
+        raise DataError(f"{path} is empty")
+    return lines[0].split("\t"), [line.split("\t") for line in lines[1:] if line.strip()], meta
+
+
+def load_expert_stage(path: str | os.PathLike, scores: RouterScores) -> ExpertStage:
+    """Read a ``certify --expert`` TSV that covers every scored image, from the same seed."""
+    header, rows, meta = _read_tsv(path)
+    settings = meta.get("settings", {})
+    need = {"idx", "label", "predict", "n_expert", "sigma"}
+    if not need <= set(header):
+        raise DataError(f"{path}: not a dualrs-route certify TSV (columns {sorted(need - set(header))} missing)")
+    if settings.get("mode") != "single" or meta.get("certificate") is False:
+        raise DataError(f"{path}: expert results must come from `certify --expert REF` (mode single), "
+                        f"not mode {settings.get('mode')!r}")
+    if settings.get("sigma_override") is not None:
+        raise DataError(f"{path} was certified with --sigma {settings['sigma_override']}, not the expert's own sigma")
+    if int(settings.get("seed", -1)) != int(scores.meta["seed"]):
+        raise DataError(f"{path} used --seed {settings.get('seed')} but the router scores used seed "
+                        f"{scores.meta['seed']}: dual CERTIFY draws both stages from one seed")
+    if not meta.get("complete", False):
+        raise DataError(f"{path} is not complete (its run was interrupted); finish it by re-running its command")
+    pos = {c: header.index(c) for c in header}
+    by_idx = {int(r[pos["idx"]]): r for r in rows}
+    missing = [int(i) for i in scores.idx if int(i) not in by_idx]
+    if missing:
+        raise DataError(f"{path} lacks {len(missing)} of the scored images (e.g. idx {missing[:3]}); certify the same "
+                        "--dataset/--split/--skip/--max")
+    picked = [by_idx[int(i)] for i in scores.idx]
+    labels = np.array([int(r[pos["label"]]) for r in picked])
+    if not np.array_equal(labels, scores.label):
+        raise DataError(f"{path}: labels differ from the router scores' labels: not the same images")
+    sigmas = {r[pos["sigma"]] for r in picked}
+    if len(sigmas) != 1:
+        raise DataError(f"{path}: more than one sigma in the file ({sorted(sigmas)})")
+    name = picked[0][pos["expert"]].partition(":")[2] if "expert" in pos else Path(path).stem
+    return ExpertStage(path=str(path), name=name, sigma=float(sigmas.pop()), n=int(settings["N"]),
+                       alpha=float(settings["alpha_expert"]),
+                       guess=np.array([int(r[pos["predict"]]) for r in picked], dtype=np.int64),
+                       count=np.array([int(r[pos["n_expert"]]) for r in picked], dtype=np.int64), metadata=meta)
+
+
+_TABLES: dict = {}
+
+
+def bound_tables(n: int, alpha: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """p_lower and radius (-1 where CERTIFY abstains) for every count 0..n, from the scalar functions
+    that CERTIFY itself uses (so a simulated certificate equals a real one bit for bit)."""
+    from experts.stats import certified_radius
+
+    key = (int(n), float(alpha), float(sigma))
+    if key not in _TABLES:
+        p = np.array([lower_confidence_bound(c, n, alpha) for c in range(n + 1)])
+        r = np.array([certified_radius(sigma, q) if q >= 0.5 else -1.0 for q in p])
+        _TABLES[key] = (p, r)
+    return _TABLES[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Replaying dual CERTIFY, and choosing offsets
+# ---------------------------------------------------------------------------------------------
+
+def routed_counts(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """int64 [m, K]: per image, the argmax counts of ``logits + offsets`` (float32, as the engines add them)."""
+    k = logits.shape[-1]
+    votes = np.argmax(logits + np.asarray(offsets, dtype=np.float32), axis=-1)
+    return np.stack([(votes == c).sum(axis=1) for c in range(k)], axis=1).astype(np.int64)
+
+
+def simulate(scores: RouterScores, experts: Sequence[ExpertStage], offsets, *, alpha: float, beta: float) -> dict:
+    """Dual CERTIFY of every scored image with the router's logits shifted by ``offsets``.
+
+    Router stage at level ``beta`` (guess from the selection samples, count from the
+    estimation samples), expert stage at level ``alpha`` re-derived from each expert's counts.
+    Returns per-image arrays named like the certify TSV columns (``expert``: index or ABSTAIN).
+    """
+    check_alpha(alpha)
+    check_alpha(beta, "beta")
+    k = scores.select.shape[-1]
+    if len(experts) != k:
+        raise DataError(f"the router has {k} outputs but {len(experts)} expert result files were given")
+    for e in experts:
+        if alpha > e.alpha * (1 + 1e-12):
+            raise DataError(f"{e.path} was certified at alpha = {e.alpha:g}; it cannot supply an expert stage at "
+                            f"the larger alpha = {alpha:g}")
+    offsets = np.asarray(offsets, dtype=np.float32)
+    guess = routed_counts(scores.select, offsets).argmax(axis=1)
+    estimate = routed_counts(scores.estimate, offsets)
+    n_router = estimate[np.arange(len(guess)), guess]
+    p_router, r_router = bound_tables(scores.estimate.shape[1], beta, scores.sigma)
+    routed = r_router[n_router] >= 0
+    m = len(guess)
+    out = {"expert": np.where(routed, guess, ABSTAIN), "n_router": n_router, "p_router_lower": p_router[n_router],
+           "radius_router": np.where(routed, r_router[n_router], 0.0), "predict": np.full(m, ABSTAIN),
+           "radius_expert": np.full(m, np.nan), "p_expert_lower": np.full(m, np.nan),
+           "n_expert": np.full(m, -1), "sigma": np.full(m, np.nan)}
+    for j, e in enumerate(experts):
+        rows = routed & (guess == j)
+        p_e, r_e = bound_tables(e.n, alpha, e.sigma)
+        counts = e.count[rows]
+        ok = (e.guess[rows] != ABSTAIN) & (r_e[counts] >= 0)
+        out["predict"][rows] = np.where(ok, e.guess[rows], ABSTAIN)
+        out["radius_expert"][rows] = np.where(ok, r_e[counts], 0.0)
+        out["p_expert_lower"][rows] = p_e[counts]
+        out["n_expert"][rows] = counts
+        out["sigma"][rows] = e.sigma
+    certified = out["predict"] != ABSTAIN
+    out["radius"] = np.where(certified, np.minimum(out["radius_router"], np.nan_to_num(out["radius_expert"])), 0.0)
+    out["correct"] = (out["predict"] == scores.label).astype(np.int64)
+    return out
+
+
+def acr(result: dict) -> float:
+    return float(np.mean(result["radius"] * result["correct"]))
+
+
+def _grid(start: float, stop: float, step: float) -> np.ndarray:
+    if not (step > 0 and stop >= start):
+        raise ValueError(f"offset grid needs start <= stop and step > 0, got {start}:{stop}:{step}")
+    return np.round(np.arange(start, stop + step / 2, step), 10)
+
+
+def fit_offsets(scores: RouterScores, experts: Sequence[ExpertStage], *, alpha: float, beta: float,
+                grid: tuple[float, float, float] = (-3.0, 3.0, 0.25), rows: np.ndarray | None = None,
+                progress: Callable | None = None) -> tuple[np.ndarray, list[tuple[tuple[float, ...], float]]]:
+    """Offsets (first class fixed at 0) that maximise the simulated dual ACR on the scored images.
+
+    A full grid over the other K - 1 offsets, then a finer grid (step / 5) around the best
+    point. Ties go to the offsets closest to 0 (max |b|), so a flat objective changes nothing.
+    ``rows`` restricts the objective to some images (for split-half checks). Returns the best
+    offsets and every evaluated (offsets, ACR).
+    """
+    k = scores.select.shape[-1]
+    if k < 2:
+        raise DataError("a router with one output has nothing to calibrate")
+    sub = scores if rows is None else RouterScores(scores.idx[rows], scores.label[rows], scores.select[rows],
+                                                   scores.estimate[rows], scores.meta)
+    stages = experts if rows is None else [
+        ExpertStage(e.path, e.name, e.sigma, e.n, e.alpha, e.guess[rows], e.count[rows], e.metadata) for e in experts]
+    seen: dict[tuple[float, ...], float] = {}
+
+    def score(point) -> float:
+        key = tuple(float(v) for v in point)
+        if key not in seen:
+            seen[key] = acr(simulate(sub, stages, (0.0, *key), alpha=alpha, beta=beta))
+        return seen[key]
+
+    def best_of(points):
+        points = list(points)
+        iterator = progress(points, len(points)) if progress else points
+        for point in iterator:
+            score(point)
+        return max(points, key=lambda p: (seen[tuple(float(v) for v in p)], -max((abs(v) for v in p), default=0)))
+
+    start, stop, step = grid
+    axis = _grid(start, stop, step)
+    if len(axis) ** (k - 1) > 20_000:
+        raise DataError(f"the offset grid has {len(axis) ** (k - 1)} points for {k} experts; use a coarser --grid")
+    coarse = best_of(itertools.product(axis, repeat=k - 1))
+    fine_axes = [_grid(c - step, c + step, step / 5) for c in coarse]
+    best = best_of(itertools.chain([coarse], itertools.product(*fine_axes)))
+    ranked = sorted(seen.items(), key=lambda kv: -kv[1])
+    return np.array((0.0, *best)), [((0.0, *p), a) for p, a in ranked]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Writing a calibrated router, and results files from scores
+# ---------------------------------------------------------------------------------------------
+
+NETWORK_FILES = ("model.safetensors", "model.onnx", "model.int8.onnx")
+
+
+def check_scores_router(scores: RouterScores, folder) -> None:
+    """Refuse scores that were not computed with ``folder``'s network (weight hashes must agree)."""
+    mine = folder.provenance()["sha256"]
+    theirs = scores.meta.get("router", {})
+    common = [f for f in NETWORK_FILES if f in mine and f in theirs]
+    if not common or any(mine[f] != theirs[f] for f in common):
+        raise DataError(f"the router scores were computed with another network than {folder.reference} "
+                        f"(weight hashes differ); run `dualrs-route router-scores --router {folder.reference}`")
+    if abs(float(folder.config.sigma) - scores.sigma) > 1e-12:
+        raise DataError(f"the router scores used sigma_e = {scores.sigma} but {folder.reference} has "
+                        f"sigma = {folder.config.sigma}")
+
+
+def check_expert_order(experts: Sequence[ExpertStage], expert_folders) -> None:
+    """Each results file must come from the router's expert at the same position (weight hashes)."""
+    for k, (stage, folder) in enumerate(zip(experts, expert_folders)):
+        models = stage.metadata.get("settings", {}).get("models", [])
+        hashes = models[0].get("sha256", {}) if len(models) == 1 else {}
+        mine = folder.provenance()["sha256"]
+        common = [f for f in NETWORK_FILES if f in hashes and f in mine]
+        if not common or any(hashes[f] != mine[f] for f in common):
+            raise DataError(f"{stage.path} was not certified with the router's expert {k} ({folder.reference}); "
+                            "give one --expert-results file per router expert, in the router's order")
+
+
+def write_calibrated_router(folder, out: str | os.PathLike, offsets, record: dict, *, overwrite: bool = False) -> Path:
+    """A copy of router ``folder`` with ``logit_offsets`` and a ``calibration`` record in its config.
+
+    The network files are copied unchanged (the engines add the offsets). Relative expert
+    references are rewritten relative to ``out``. Written to a temporary folder and renamed.
+    """
+    import dataclasses
+
+    from experts.folders import CONFIG_FILE, save_folder
+
+    out = Path(out)
+    if out.exists() and (any(out.iterdir()) and not overwrite):
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    experts = []
+    for ref in folder.config.experts:
+        local = folder.path / ref
+        if ":" not in ref.split("/")[0] and local.exists():
+            ref = os.path.relpath(local.resolve(), out.resolve())
+        experts.append(ref)
+    extra = dict(folder.config.extra, calibration=record)
+    config = dataclasses.replace(folder.config, logit_offsets=tuple(float(v) for v in offsets), experts=tuple(experts),
+                                 name=out.name, extra=extra)
+    tmp = out.with_name(out.name + ".tmp-calibrate")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for item in folder.path.iterdir():
+        if item.is_file() and item.name != CONFIG_FILE and not item.name.endswith(".md"):
+            shutil.copy2(item, tmp / item.name)
+    save_folder(tmp, config)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def write_composed_results(out: str | os.PathLike, scores: RouterScores, result: dict, *, router, experts, stages,
+                           alpha: float, beta: float, command: str) -> Path:
+    """Write ``result`` (from :func:`simulate`) as a ``certify --router`` results TSV + sidecar."""
+    from .results import COLUMNS, ResultsWriter
+    from .run import versions
+
+    out = Path(out)
+    for path in (out, Path(str(out) + ".json")):
+        if path.exists():
+            path.unlink()
+    models = [router.provenance()] + [f.provenance() for f in experts]
+    settings = {
+        "command": "compose", "mode": "router", "dataset": scores.meta.get("dataset"),
+        "data": scores.meta.get("data"), "split": scores.meta.get("split"), "skip": scores.meta.get("skip"),
+        "max": scores.meta.get("max"), "N0": None, "N": stages[0].n, "alpha_expert": alpha, "alpha_router": beta,
+        "router_N0": int(scores.select.shape[1]), "router_N": int(scores.estimate.shape[1]),
+        "seed": int(scores.meta["seed"]), "logit_offsets": list(router.config.logit_offsets or ()),
+        "models": [{"reference": m["reference"], "sha256": m["sha256"], "revision": m["revision"]} for m in models]}
+    metadata = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": command, "versions": versions(),
+                "models": models, "certificate": True,
+                "engines": [{"stage": "router", **scores.meta.get("engine", {})}]
+                + [{"stage": f"expert {k}", **(s.metadata.get("engines") or [{}])[0], "results": s.path}
+                   for k, s in enumerate(stages)],
+                "guarantee": (f"each non-abstaining certified radius holds with probability >= {1 - alpha - beta:g} "
+                              f"(router beta = {beta:g} + expert alpha = {alpha:g}, union bound)"),
+                "notes": ["composed by `dualrs-route compose` from stored router scores and the experts' own "
+                          "certificates with the same seed: the rows dual CERTIFY gives with these noise streams"]}
+    writer = ResultsWriter(out, settings=settings, metadata=metadata, columns=COLUMNS)
+    names = [f.name for f in experts]
+    for i in range(len(scores.idx)):
+        k = int(result["expert"][i])
+        routed = k != ABSTAIN
+        writer.write({
+            "idx": int(scores.idx[i]), "label": int(scores.label[i]), "predict": int(result["predict"][i]),
+            "radius": float(result["radius"][i]), "correct": int(result["correct"][i]), "time": None,
+            "expert": f"{k}:{names[k]}" if routed else "-1:-", "sigma": float(result["sigma"][i]) if routed else None,
+            "radius_router": float(result["radius_router"][i]), "p_router_lower": float(result["p_router_lower"][i]),
+            "n_router": int(result["n_router"][i]),
+            "radius_expert": float(result["radius_expert"][i]) if routed else None,
+            "p_expert_lower": float(result["p_expert_lower"][i]) if routed else None,
+            "n_expert": int(result["n_expert"][i]) if routed else None})
+    writer.close(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=True)
+    return out

@@ -1,0 +1,214 @@
+"""CLI commands of router calibration: ``router-scores``, ``calibrate-router`` and ``compose``.
+
+Registered in :mod:`router.cli` through ``_PLUGIN_COMMANDS``. See :mod:`router.calibrate`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from experts.folders import ENGINES
+
+from .training_cli import _command_line
+
+
+@click.command("router-scores")
+@click.option("--router", required=True, metavar="REF", help="Router folder (its raw logits are stored).")
+@click.option("--dataset", default="digits", show_default=True, help="digits, cifar10 (with --data) or npz:PATH.")
+@click.option("--data", default=None, metavar="PATH", help="Data location for --dataset cifar10.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@click.option("--skip", type=click.IntRange(min=1), default=1, show_default=True, help="Use every skip-th example.")
+@click.option("--max", "max_index", type=int, default=-1, show_default=True, help="Stop before this index (-1: all).")
+@click.option("--router-N0", "n0", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Router selection samples (as certify's --router-N0).")
+@click.option("--router-N", "n", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Router estimation samples (as certify's --router-N).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The certify --seed whose noise streams to replay.")
+@click.option("--batch", type=click.IntRange(min=1), default=400, show_default=True)
+@click.option("--chunk", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Images per saved part (resume granularity).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--engine", type=click.Choice([e for e in ENGINES if e != "tensorrt"]), default="auto",
+              show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Scores file (.npz) to write or resume.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def router_scores_command(router, dataset, data, split, skip, max_index, n0, n, seed, batch, chunk, device, engine,
+                          threads, out, quiet):
+    """Store a router's logits on every noisy copy that dual CERTIFY would draw for it.
+
+    The file feeds `calibrate-router` (held-out images) and `compose` (evaluation images).
+    Logits are raw: a router's own logit_offsets are not applied. Resumable: parts are saved
+    every --chunk images in OUT.parts/.
+    """
+    from experts.data import check_images, load_dataset, select_indices
+    from experts.folders import load_folder, make_counter
+
+    from .calibrate import collect_scores
+    from .cli import _progress
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    folder = load_folder(router, expected_kind="router")
+    ds = load_dataset(dataset, split=split, data=data)
+    indices = select_indices(len(ds), skip, max_index)
+    check_images(ds, indices, folder.config.input_shape)
+    counter = make_counter(folder, engine=engine, device=device, batch_size=batch, threads=threads, raw_logits=True)
+    engine_info = counter.describe() if hasattr(counter, "describe") else {"engine": counter.engine}
+    settings = {"router": folder.provenance()["sha256"], "router_reference": router, "dataset": dataset,
+                "split": split, "data": data, "skip": skip, "max": max_index,
+                "engine": {k: engine_info.get(k) for k in ("engine", "precision", "noise")}}
+    collect_scores(counter, ds.batch, [int(ds.labels[i]) for i in indices], indices, sigma=folder.config.sigma,
+                   n0=n0, n=n, seed=seed, out=out, settings=settings, chunk=chunk,
+                   progress=_progress("router scores", quiet))
+    click.echo(f"router scores: {out} ({len(indices)} images, N0 = {n0}, N = {n}, sigma_e = {folder.config.sigma})",
+               err=True)
+
+
+def _grid_option(value: str) -> tuple[float, float, float]:
+    try:
+        start, stop, step = (float(v) for v in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"expected START:STOP:STEP, got {value!r}") from None
+    if not (step > 0 and stop >= start):
+        raise click.BadParameter(f"needs START <= STOP and STEP > 0, got {value!r}")
+    return start, stop, step
+
+
+def _load_stages(router, scores_path, expert_results):
+    from router.dual import load_router_set
+
+    from .calibrate import check_expert_order, check_scores_router, load_expert_stage, load_scores
+
+    folder, experts = load_router_set(router)
+    scores = load_scores(scores_path)
+    check_scores_router(scores, folder)
+    if len(expert_results) != len(experts):
+        raise click.BadParameter(f"{folder.reference} routes to {len(experts)} experts; give one --expert-results "
+                                 f"file per expert, in its order ({len(expert_results)} given)",
+                                 param_hint="--expert-results")
+    stages = [load_expert_stage(path, scores) for path in expert_results]
+    check_expert_order(stages, experts)
+    return folder, experts, scores, stages
+
+
+def _summary_line(name: str, result: dict, radii=(0.0, 0.5, 1.0)) -> str:
+    import numpy as np
+
+    from .calibrate import acr
+
+    good = result["correct"] == 1
+    accs = " ".join(f"r={r:g}: {100 * np.mean(good & (result['radius'] >= r)):.1f}%" for r in radii)
+    routes = np.bincount(result["expert"] + 1, minlength=len(set(result["expert"])) + 1)
+    return (f"{name}: ACR {acr(result):.4f}, {accs}, abstain {100 * np.mean(result['predict'] == -1):.1f}%, "
+            f"router abstains {int(routes[0])}, routes {routes[1:].tolist()}")
+
+
+@click.command("calibrate-router")
+@click.option("--router", required=True, metavar="REF", help="Trained router folder (no offsets yet).")
+@click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="`router-scores` of this router on held-out images (never the evaluation images).")
+@click.option("--expert-results", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="`certify --expert` TSV of each router expert on the same images, same seed, in the router's order.")
+@click.option("--alpha", type=float, default=0.001, show_default=True, help="Total failure probability (as certify).")
+@click.option("--alpha-router", type=float, default=None, help="Router's share beta (default: alpha / 2).")
+@click.option("--grid", default="-3:3:0.25", show_default=True, help="Offset grid START:STOP:STEP (refined by 5x).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Calibrated router folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing folder.")
+@click.option("--quiet", is_flag=True)
+def calibrate_router_command(router, scores_path, expert_results, alpha, alpha_router, grid, out, force, quiet):
+    """Choose per-expert logit offsets for a router by its simulated dual ACR on held-out images.
+
+    Writes a copy of the router whose config.json carries `logit_offsets` (added to its logits
+    before the argmax, by every engine) and a `calibration` record. Prints the held-out ACR
+    before and after, and a split-half check (offsets fitted on one half, scored on the other).
+    """
+    import hashlib
+
+    import numpy as np
+
+    from router.dual import split_alpha
+
+    from .calibrate import acr, fit_offsets, simulate, write_calibrated_router
+    from .cli import _progress
+
+    grid_values = _grid_option(grid)
+    folder, experts, scores, stages = _load_stages(router, scores_path, expert_results)
+    if folder.config.logit_offsets is not None:
+        raise click.UsageError(f"{folder.reference} already has logit_offsets {list(folder.config.logit_offsets)}; "
+                               "calibrate the uncalibrated router")
+    a, beta = split_alpha(alpha, alpha_router)
+    started = time.time()
+    offsets, ranked = fit_offsets(scores, stages, alpha=a, beta=beta, grid=grid_values,
+                                  progress=_progress("offsets", quiet))
+    zero = simulate(scores, stages, np.zeros(len(stages)), alpha=a, beta=beta)
+    best = simulate(scores, stages, offsets, alpha=a, beta=beta)
+    halves = {}
+    for name, fit_rows, test_rows in (("even->odd", slice(0, None, 2), slice(1, None, 2)),
+                                      ("odd->even", slice(1, None, 2), slice(0, None, 2))):
+        rows_fit = np.arange(len(scores.idx))[fit_rows]
+        rows_test = np.arange(len(scores.idx))[test_rows]
+        half_offsets, _ = fit_offsets(scores, stages, alpha=a, beta=beta, grid=grid_values, rows=rows_fit)
+        zero_t = acr({k: v[rows_test] for k, v in zero.items()})
+        fitted_t = acr({k: v[rows_test] for k, v in simulate(scores, stages, half_offsets, alpha=a, beta=beta).items()})
+        halves[name] = {"offsets": [round(float(v), 6) for v in half_offsets], "acr_zero": round(zero_t, 6),
+                        "acr_fitted": round(fitted_t, 6)}
+    singles = {s.name: acr(simulate(scores, stages, np.where(np.arange(len(stages)) == k, 1e6, 0.0), alpha=a,
+                                    beta=beta)) for k, s in enumerate(stages)}
+    digest = hashlib.sha256(Path(scores_path).read_bytes()).hexdigest()
+    record = {
+        "command": _command_line(), "method": "grid search of per-expert logit offsets on the simulated dual ACR "
+        "(router.calibrate)", "scores": {"file": str(scores_path), "sha256": digest, "images": int(len(scores.idx)),
+                                       "router_N0": int(scores.select.shape[1]), "router_N": int(scores.estimate.shape[1]),
+                                       "dataset": scores.meta.get("dataset"), "split": scores.meta.get("split")},
+        "expert_results": [s.path for s in stages], "alpha_expert": a, "alpha_router": beta,
+        "grid": list(grid_values), "evaluated": len(ranked),
+        "heldout_acr": {"zero_offsets": round(acr(zero), 6), "calibrated": round(acr(best), 6),
+                        "constant_router": {k: round(v, 6) for k, v in singles.items()}},
+        "split_half": halves, "seconds": round(time.time() - started, 1)}
+    path = write_calibrated_router(folder, out, offsets, record, overwrite=force)
+    click.echo(_summary_line("held-out, offsets 0", zero))
+    click.echo(_summary_line(f"held-out, offsets {[round(float(v), 3) for v in offsets]}", best))
+    for name, s in singles.items():
+        click.echo(f"held-out, constant router -> {name}: ACR {s:.4f}")
+    for name, h in halves.items():
+        click.echo(f"split half {name}: offsets {h['offsets']}: ACR {h['acr_zero']:.4f} -> {h['acr_fitted']:.4f}")
+    click.echo(f"calibrated router: {path}", err=True)
+
+
+@click.command("compose")
+@click.option("--router", required=True, metavar="REF", help="Router folder (its logit_offsets are applied).")
+@click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="`router-scores` of this router's network on the evaluation images.")
+@click.option("--expert-results", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="`certify --expert` TSV of each router expert on the same images, same seed, in the router's order.")
+@click.option("--alpha", type=float, default=0.001, show_default=True, help="Total failure probability.")
+@click.option("--alpha-router", type=float, default=None, help="Router's share beta (default: alpha / 2).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results TSV to write (+ .json).")
+def compose_command(router, scores_path, expert_results, alpha, alpha_router, out):
+    """Dual CERTIFY results from stored router scores and the experts' own certificates.
+
+    Gives the rows `certify --router REF --seed S` would write with these noise streams: the
+    router stage from the scores (with the router's logit_offsets), the expert stage re-derived
+    at alpha from each expert's certificate counts (same seed, so the same expert noise).
+    """
+    import numpy as np
+
+    from router.dual import split_alpha
+
+    from .calibrate import simulate, write_composed_results
+
+    folder, experts, scores, stages = _load_stages(router, scores_path, expert_results)
+    a, beta = split_alpha(alpha, alpha_router)
+    offsets = np.asarray(folder.config.logit_offsets or [0.0] * len(stages), dtype=np.float32)
+    result = simulate(scores, stages, offsets, alpha=a, beta=beta)
+    write_composed_results(out, scores, result, router=folder, experts=experts, stages=stages, alpha=a, beta=beta,
+                           command=_command_line())
+    click.echo(_summary_line(f"{out}", result))

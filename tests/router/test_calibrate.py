@@ -1,0 +1,277 @@
+"""Router calibration: logit offsets on every engine, the dual-CERTIFY replay, the offset search.
+
+The replay (``router.calibrate.simulate`` / ``dualrs-route compose``) must give exactly the
+rows that ``certify --router`` writes; the offsets must act like a shifted bias (closed form
+for a linear router); the search must find a known optimum and leave a flat objective at 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy.stats import norm
+
+from experts.errors import DataError, ModelFormatError
+from experts.folders import ModelConfig, load_folder, make_counter
+from experts.noise import NoiseKey, Stage
+from experts.stats import lower_confidence_bound
+from router.calibrate import (ExpertStage, RouterScores, bound_tables, fit_offsets, load_scores, routed_counts,
+                              simulate, write_calibrated_router)
+from router.cli import main
+from rs_oracle import write_linear_folder
+
+SHAPE = (1, 4, 4)
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture
+def routed_set(tmp_path):
+    """Three linear experts (sigma 0.25 / 0.5 / 1.0), a 3-output linear router (sigma_e 1.0), 24 images."""
+    rng = np.random.default_rng(11)
+    experts = []
+    for k, sigma in enumerate((0.25, 0.5, 1.0)):
+        w = rng.normal(size=(3, 16)).astype(np.float32) * (1.0 + k)
+        experts.append(write_linear_folder(tmp_path / f"e{k}", weight=w, bias=np.zeros(3), sigma=sigma,
+                                           input_shape=SHAPE, name=f"e{k}"))
+    # router logits nearly tied between outputs 0 and 1, so offsets change its routing
+    wr = rng.normal(scale=0.3, size=(3, 16)).astype(np.float32)
+    router = write_linear_folder(tmp_path / "router", weight=wr, bias=np.array([0.3, 0.0, -0.2]), sigma=1.0,
+                                 kind="router", experts=[f"../e{k}" for k in range(3)], input_shape=SHAPE)
+    x = rng.uniform(size=(24, *SHAPE)).astype(np.float32)
+    y = rng.integers(0, 3, size=24)
+    # labels: the sigma 0.5 expert's clean class on most images, so experts are right on some, wrong on others
+    e1 = load_folder(str(experts[1])).load_torch_model()
+    import torch
+
+    with torch.no_grad():
+        clean = e1(torch.from_numpy(x)).argmax(1).numpy()
+    y = np.where(np.arange(24) % 4 == 0, y, clean).astype(np.int64)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x, y=y)
+    return tmp_path, experts, router, data
+
+
+def _certify_experts(tmp_path, experts, data, *, n0, n, alpha):
+    paths = []
+    for k, e in enumerate(experts):
+        out = tmp_path / f"expert-{k}.tsv"
+        r = invoke("certify", "--expert", e, "--dataset", f"npz:{data}", "--N0", n0, "--N", n, "--alpha", alpha,
+                   "--seed", 3, "--engine", "torch", "--quiet", "--out", out)
+        assert r.exit_code == 0, r.output
+        paths.append(out)
+    return paths
+
+
+def _rows(path):
+    lines = Path(path).read_text().splitlines()
+    header = lines[0].split("\t")
+    t = header.index("time")
+    return [line.split("\t")[:t] + line.split("\t")[t + 1:] for line in lines]
+
+
+def test_compose_gives_exactly_the_rows_of_certify_router(routed_set):
+    tmp_path, experts, router, data = routed_set
+    n0, n = 20, 300
+    expert_tsvs = _certify_experts(tmp_path, experts, data, n0=n0, n=n, alpha=0.002)
+    scores = tmp_path / "scores.npz"
+    r = invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", n0, "--router-N", n,
+               "--seed", 3, "--engine", "torch", "--chunk", 5, "--quiet", "--out", scores)
+    assert r.exit_code == 0, r.output
+    assert not Path(str(scores) + ".parts").exists()
+    loaded = load_scores(scores)
+    assert loaded.select.shape == (24, n0, 3) and loaded.estimate.shape == (24, n, 3)
+    # a calibrated copy with offsets that move the decision boundaries
+    offsets = (0.0, 0.35, 0.1)
+    calibrated = write_calibrated_router(load_folder(str(router)), tmp_path / "calibrated", offsets, {"test": True})
+    assert load_folder(str(calibrated)).config.logit_offsets == offsets
+    for ref in (router, calibrated):
+        composed = tmp_path / f"composed-{Path(ref).name}.tsv"
+        r = invoke("compose", "--router", ref, "--scores", scores, *sum((["--expert-results", p] for p in expert_tsvs),
+                   []), "--alpha", 0.002, "--out", composed)
+        assert r.exit_code == 0, r.output
+        real = tmp_path / f"real-{Path(ref).name}.tsv"
+        r = invoke("certify", "--router", ref, "--dataset", f"npz:{data}", "--N0", n0, "--N", n, "--alpha", 0.002,
+                   "--seed", 3, "--engine", "torch", "--quiet", "--out", real)
+        assert r.exit_code == 0, r.output
+        assert _rows(composed) == _rows(real)
+    # the offsets changed the routing (otherwise this test would prove little)
+    plain = [row[6] for row in _rows(tmp_path / "real-router.tsv")[1:]]
+    shifted = [row[6] for row in _rows(tmp_path / "real-calibrated.tsv")[1:]]
+    assert plain != shifted
+    assert len(set(shifted)) >= 2
+
+
+def test_offsets_act_as_a_shifted_bias_closed_form(tmp_path):
+    """2-output linear router: with offsets b, P[class 1] = Phi((w.x + B1 + b1 - B0 - b0) / (sigma |w1 - w0|))."""
+    w = np.array([[0.0] * 16, [0.5] * 8 + [-0.25] * 8], dtype=np.float32)
+    bias = np.array([0.0, 0.1], dtype=np.float32)
+    path = write_linear_folder(tmp_path / "r", weight=w, bias=bias, sigma=1.0, input_shape=SHAPE)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["logit_offsets"] = [0.2, -0.4]
+    (path / "config.json").write_text(json.dumps(cfg))
+    folder = load_folder(str(path))
+    x = np.full(SHAPE, 0.5, dtype=np.float32)
+    n = 40_000
+    margin = float((w[1] - w[0]) @ x.reshape(-1) + bias[1] - bias[0] + (-0.4 - 0.2))
+    p1 = norm.cdf(margin / (1.0 * np.linalg.norm(w[1] - w[0])))
+    for engine in ("torch", "onnxruntime"):
+        if engine == "onnxruntime":
+            assert invoke("export", path, "--to", "onnx").exit_code == 0
+            folder = load_folder(str(path))
+        counter = make_counter(folder, engine=engine)
+        counts = counter.counts(x, 1.0, n, key=NoiseKey(0, 0, Stage.EXPERT_ESTIMATE))
+        assert abs(counts[1] / n - p1) < 5 * math.sqrt(p1 * (1 - p1) / n), (engine, counts, p1)
+        # and exactly the argmax of the raw logits plus the offsets, sample by sample
+        raw = make_counter(folder, engine=engine, raw_logits=True)
+        logits = raw.logits_many(x[None], 1.0, 2000, keys=[NoiseKey(0, 0, Stage.EXPERT_ESTIMATE)])
+        again = counter.counts(x, 1.0, 2000, key=NoiseKey(0, 0, Stage.EXPERT_ESTIMATE))
+        assert np.array_equal(routed_counts(logits, np.array([0.2, -0.4], np.float32))[0], again)
+        assert counter.describe()["logit_offsets"] == pytest.approx([0.2, -0.4])
+        assert "logit_offsets" not in raw.describe()
+
+
+def test_logits_many_matches_counts_many_on_both_engines(cli_expert):
+    folder, data, _, _ = cli_expert
+    assert invoke("export", folder, "--to", "onnx").exit_code == 0
+    xs = np.load(data)["x"][:3]
+    keys = [NoiseKey(1, i, Stage.EXPERT_SELECT) for i in range(3)]
+    for engine in ("torch", "onnxruntime"):
+        counter = make_counter(load_folder(str(folder)), engine=engine, batch_size=7)
+        logits = counter.logits_many(xs, 0.25, 50, keys=keys)
+        assert logits.shape == (3, 50, 3) and logits.dtype == np.float32
+        assert np.array_equal(routed_counts(logits, np.zeros(3, np.float32)), counter.counts_many(xs, 0.25, 50, keys=keys))
+
+
+def test_config_rejects_bad_offsets():
+    base = {"kind": "router", "sigma": 1.0, "input_shape": [1, 4, 4], "experts": ["a", "b"]}
+    assert ModelConfig.from_dict({**base, "logit_offsets": [0, 1.5]}, "x").logit_offsets == (0.0, 1.5)
+    for bad in ([0.0], [0.0, float("nan")], [0, True], "0,1"):
+        with pytest.raises(ModelFormatError, match="logit_offsets"):
+            ModelConfig.from_dict({**base, "logit_offsets": bad}, "x")
+    assert ModelConfig.from_dict({**base, "logit_offsets": [0, 2]}, "x").to_dict()["logit_offsets"] == [0.0, 2.0]
+
+
+# --- the replay on hand-made inputs ---------------------------------------------------------
+
+def _scores(select_votes, estimate_votes, label, k=2):
+    """Scores whose per-sample argmax is the given vote (logit 1 for the voted class, 0 otherwise)."""
+    def logits(votes):
+        votes = np.asarray(votes)
+        out = np.zeros((*votes.shape, k), dtype=np.float32)
+        np.put_along_axis(out, votes[..., None], 1.0, axis=-1)
+        return out
+
+    return RouterScores(np.arange(len(label)), np.asarray(label), logits(select_votes), logits(estimate_votes),
+                        {"sigma": 1.0, "seed": 0})
+
+
+def _stage(guess, count, *, sigma, n, alpha=0.01):
+    return ExpertStage("e", "e", sigma, n, alpha, np.asarray(guess), np.asarray(count), {})
+
+
+def test_simulate_hand_checked():
+    # image 0: router votes 10/10 for expert 1 -> routed; expert 1 certifies class 2 with 95 of 100
+    # image 1: router split 5/5 on the estimate -> the router abstains
+    # image 2: router picks expert 0, whose file abstained
+    sel = [[1] * 10, [0] * 10, [0] * 10]
+    est = [[1] * 10, [0] * 5 + [1] * 5, [0] * 10]
+    scores = _scores(sel, est, label=[2, 1, 0])
+    experts = [_stage([0, 1, -1], [80, 90, 40], sigma=0.25, n=100), _stage([2, 1, 0], [95, 90, 99], sigma=0.5, n=100)]
+    out = simulate(scores, experts, [0.0, 0.0], alpha=0.005, beta=0.005)
+    p_r = 0.005 ** (1 / 10)  # 10 of 10: Clopper-Pearson gives alpha ** (1 / n)
+    p_e = lower_confidence_bound(95, 100, 0.005)
+    assert out["expert"].tolist() == [1, -1, 0]
+    assert out["predict"].tolist() == [2, -1, -1]
+    assert out["radius"][0] == pytest.approx(min(norm.ppf(p_r), 0.5 * norm.ppf(p_e)))
+    assert out["radius_router"][0] == pytest.approx(norm.ppf(p_r)) and out["correct"].tolist() == [1, 0, 0]
+    assert out["n_router"].tolist() == [10, 5, 10] and out["radius"][1:].tolist() == [0.0, 0.0]
+    # an offset of -2 on expert 1 sends image 0 to expert 0 (class 0: wrong) and image 1 as well, unanimously
+    moved = simulate(scores, experts, [0.0, -2.0], alpha=0.005, beta=0.005)
+    assert moved["expert"].tolist() == [0, 0, 0] and moved["predict"][0] == 0 and moved["correct"][0] == 0
+    # the expert stage cannot run at a larger alpha than its file's
+    with pytest.raises(DataError, match="larger alpha"):
+        simulate(scores, experts, [0.0, 0.0], alpha=0.02, beta=0.005)
+
+
+def test_bound_tables_match_the_scalar_functions():
+    p, r = bound_tables(50, 0.001, 0.5)
+    assert p[50] == pytest.approx(0.001 ** (1 / 50)) and p[0] == 0.0
+    assert r[50] == pytest.approx(0.5 * norm.ppf(0.001 ** (1 / 50)))
+    assert all(r[c] == -1.0 for c in range(51) if p[c] < 0.5)
+
+
+def test_fit_offsets_finds_the_known_optimum_and_keeps_zero_when_flat():
+    # every image: the router leans to expert 0 (logit 0.3 above expert 1), but expert 1 certifies a
+    # much larger radius; an offset > 0.3 on expert 1 routes everything there
+    m, n = 6, 50
+    rng = np.random.default_rng(0)
+    noise = rng.normal(scale=0.05, size=(m, n, 2)).astype(np.float32)
+    base = np.array([0.3, 0.0], dtype=np.float32)
+    scores = RouterScores(np.arange(m), np.zeros(m, np.int64), (base + noise[:, :10]).astype(np.float32),
+                          (base + noise).astype(np.float32), {"sigma": 1.0, "seed": 0})
+    experts = [_stage([0] * m, [30] * m, sigma=0.25, n=50), _stage([0] * m, [50] * m, sigma=1.0, n=50)]
+    offsets, ranked = fit_offsets(scores, experts, alpha=0.005, beta=0.005, grid=(-1.0, 1.0, 0.25))
+    assert offsets[0] == 0.0 and 0.3 < offsets[1] <= 1.0
+    assert ranked[0][1] == pytest.approx(simulate(scores, experts, offsets, alpha=0.005, beta=0.005)["radius"].mean())
+    # both experts identical: nothing to gain, the offsets stay 0
+    same = [experts[1], experts[1]]
+    flat, _ = fit_offsets(scores, same, alpha=0.005, beta=0.005, grid=(-1.0, 1.0, 0.25))
+    assert flat.tolist() == [0.0, 0.0]
+
+
+def test_compose_refuses_mismatched_inputs(routed_set):
+    tmp_path, experts, router, data = routed_set
+    tsvs = _certify_experts(tmp_path, experts, data, n0=10, n=50, alpha=0.002)
+    scores = tmp_path / "s.npz"
+    assert invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", 10, "--router-N",
+                  50, "--seed", 3, "--quiet", "--out", scores).exit_code == 0
+    args = ["compose", "--router", router, "--scores", scores]
+    # experts in the wrong order
+    r = invoke(*args, "--expert-results", tsvs[1], "--expert-results", tsvs[0], "--expert-results", tsvs[2],
+               "--out", tmp_path / "o.tsv")
+    assert r.exit_code != 0 and "router's expert 0" in r.output
+    # too few files
+    r = invoke(*args, "--expert-results", tsvs[0], "--out", tmp_path / "o.tsv")
+    assert r.exit_code != 0 and "one --expert-results" in r.output
+    # alpha larger than the experts were certified at (expert share 0.005 > 0.002)
+    r = invoke(*args, *sum((["--expert-results", p] for p in tsvs), []), "--alpha", 0.01, "--out", tmp_path / "o.tsv")
+    assert r.exit_code != 0 and "larger alpha" in r.output
+    # scores of another network
+    other = write_linear_folder(tmp_path / "other", weight=np.ones((3, 16)), bias=np.zeros(3), sigma=1.0,
+                                kind="router", experts=[f"../e{k}" for k in range(3)], input_shape=SHAPE)
+    r = invoke("compose", "--router", other, "--scores", scores, *sum((["--expert-results", p] for p in tsvs), []),
+               "--out", tmp_path / "o.tsv")
+    assert r.exit_code != 0 and "another network" in r.output
+    assert not (tmp_path / "o.tsv").exists()
+    # calibrate-router writes a folder with offsets and refuses to calibrate twice
+    r = invoke("calibrate-router", "--router", router, "--scores", scores,
+               *sum((["--expert-results", p] for p in tsvs), []), "--grid", "-0.5:0.5:0.5", "--quiet",
+               "--out", tmp_path / "cal")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "cal" / "config.json").read_text())
+    assert len(cfg["logit_offsets"]) == 3 and cfg["calibration"]["heldout_acr"]["calibrated"] >= \
+        cfg["calibration"]["heldout_acr"]["zero_offsets"]
+    assert load_folder(str(tmp_path / "cal")).config.experts[0] == "../e0"
+    r = invoke("calibrate-router", "--router", tmp_path / "cal", "--scores", scores,
+               *sum((["--expert-results", p] for p in tsvs), []), "--out", tmp_path / "cal2")
+    assert r.exit_code != 0 and "already has logit_offsets" in r.output
+
+
+def test_router_scores_resume_refuses_other_settings(routed_set):
+    tmp_path, _, router, data = routed_set
+    out = tmp_path / "s.npz"
+    parts = Path(str(out) + ".parts")
+    parts.mkdir()
+    (parts / "meta.json").write_text(json.dumps({"format": "x"}))
+    r = invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", 10, "--router-N", 20,
+               "--quiet", "--out", out)
+    assert r.exit_code != 0 and "other settings" in r.output and not out.exists()
