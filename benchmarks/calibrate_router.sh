@@ -9,13 +9,13 @@
 #    uncalibrated one) with the experts' test certificates from benchmarks/results/cifar10,
 # 5. analyze.
 # The offsets are fixed in step 2, before any test image is scored. Resumable (router-scores resumes;
-# finished steps are skipped). About 10 + 48 min of ONNX Runtime on 2 CPU cores.
+# finished steps are skipped). Stops after step 2 when the best offsets are 0. About 10 + 48 min of ONNX Runtime on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/zoo_common.sh
 WORK=${WORK:-runs/calibrate}
 ROUTER=${ROUTER:-router/zoo/cifar10-router}
-OUT=${OUT:-router/zoo/cifar10-router-calibrated}
+OUT=${OUT:-$WORK/cifar10-router-calibrated}
 RESULTS=benchmarks/results/cifar10
 SWEEP=benchmarks/results/router-sweep
 THREADS=${THREADS:-2}
@@ -33,14 +33,18 @@ for s in 0.25 0.5 1.0; do
   hold+=(--expert-results "$SWEEP/holdout-expert-$s.tsv"); test+=(--expert-results "$RESULTS/expert-$s.tsv")
 done
 if [ ! -f "$OUT/config.json" ]; then
-  dualrs-route calibrate-router --router "$ROUTER" --scores "$WORK/holdout-scores.npz" "${hold[@]}" --alpha 0.001 \
+  dualrs-route calibrate-router --router "$ROUTER" --scores "$WORK/holdout-scores.npz" "${hold[@]}" --alpha 0.001 --force \
     --out "$OUT" | tee benchmarks/results/calibrate/calibrate.txt
+fi
+if python3 -c "import json, sys; sys.exit(any(json.load(open(sys.argv[1]))['logit_offsets']))" "$OUT/config.json"; then
+  echo "the held-out optimum is offsets 0: the calibrated router is the uncalibrated one; nothing to evaluate" >&2
+  exit 0
 fi
 scores "$WORK/test-scores.npz" --dataset cifar10 --data "$DATA" --split test --skip 20 --max 10000 \
   --router-N0 100 --router-N 10000
-dualrs-route compose --router "$OUT" --scores "$WORK/test-scores.npz" "${test[@]}" --alpha 0.001 \
+dualrs-route compose --router "$OUT" --scores "$WORK/test-scores.npz" "${test[@]}" --alpha 0.001 --force \
   --out "$RESULTS/router-calibrated.tsv"
-dualrs-route compose --router "$ROUTER" --scores "$WORK/test-scores.npz" "${test[@]}" --alpha 0.001 \
+dualrs-route compose --router "$ROUTER" --scores "$WORK/test-scores.npz" "${test[@]}" --alpha 0.001 --force \
   --out benchmarks/results/calibrate/router-uncalibrated-cpu.tsv
 dualrs-route analyze "$RESULTS"/expert-0.25.tsv "$RESULTS"/expert-0.5.tsv "$RESULTS"/expert-1.0.tsv \
   "$RESULTS"/router.tsv benchmarks/results/calibrate/router-uncalibrated-cpu.tsv "$RESULTS"/router-calibrated.tsv \

@@ -389,14 +389,18 @@ def write_calibrated_router(folder, out: str | os.PathLike, offsets, record: dic
 
 
 def write_composed_results(out: str | os.PathLike, scores: RouterScores, result: dict, *, router, experts, stages,
-                           alpha: float, beta: float, command: str) -> Path:
-    """Write ``result`` (from :func:`simulate`) as a ``certify --router`` results TSV + sidecar."""
+                           alpha: float, beta: float, command: str, overwrite: bool = False) -> Path:
+    """Write ``result`` (from :func:`simulate`) as a ``certify --router`` results TSV + sidecar.
+
+    An existing file is replaced only with ``overwrite`` (it may hold hours of certification)."""
     from .results import COLUMNS, ResultsWriter
     from .run import versions
 
     out = Path(out)
     for path in (out, Path(str(out) + ".json")):
         if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} exists; pass --force to replace it")
             path.unlink()
     models = [router.provenance()] + [f.provenance() for f in experts]
     settings = {

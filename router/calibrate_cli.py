@@ -111,14 +111,31 @@ def _summary_line(name: str, result: dict, radii=(0.0, 0.5, 1.0)) -> str:
             f"router abstains {int(routes[0])}, routes {routes[1:].tolist()}")
 
 
+def _replay_options(router_help: str, scores_help: str):
+    """The options shared by calibrate-router and compose: router, scores, expert results, alpha split."""
+    options = [
+        click.option("--router", required=True, metavar="REF", help=router_help),
+        click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False),
+                     help=scores_help),
+        click.option("--expert-results", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+                     help="`certify --expert` TSV of each router expert on the same images, same seed, in the "
+                          "router's order."),
+        click.option("--alpha", type=float, default=0.001, show_default=True,
+                     help="Total failure probability (as certify)."),
+        click.option("--alpha-router", type=float, default=None, help="Router's share beta (default: alpha / 2)."),
+    ]
+
+    def wrap(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
+
+
 @click.command("calibrate-router")
-@click.option("--router", required=True, metavar="REF", help="Trained router folder (no offsets yet).")
-@click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="`router-scores` of this router on held-out images (never the evaluation images).")
-@click.option("--expert-results", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
-              help="`certify --expert` TSV of each router expert on the same images, same seed, in the router's order.")
-@click.option("--alpha", type=float, default=0.001, show_default=True, help="Total failure probability (as certify).")
-@click.option("--alpha-router", type=float, default=None, help="Router's share beta (default: alpha / 2).")
+@_replay_options("Trained router folder (no offsets yet).",
+                 "`router-scores` of this router on held-out images (never the evaluation images).")
 @click.option("--grid", default="-3:3:0.25", show_default=True, help="Offset grid START:STOP:STEP (refined by 5x).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Calibrated router folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing folder.")
@@ -184,15 +201,11 @@ def calibrate_router_command(router, scores_path, expert_results, alpha, alpha_r
 
 
 @click.command("compose")
-@click.option("--router", required=True, metavar="REF", help="Router folder (its logit_offsets are applied).")
-@click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="`router-scores` of this router's network on the evaluation images.")
-@click.option("--expert-results", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
-              help="`certify --expert` TSV of each router expert on the same images, same seed, in the router's order.")
-@click.option("--alpha", type=float, default=0.001, show_default=True, help="Total failure probability.")
-@click.option("--alpha-router", type=float, default=None, help="Router's share beta (default: alpha / 2).")
+@_replay_options("Router folder (its logit_offsets are applied).",
+                 "`router-scores` of this router's network on the evaluation images.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results TSV to write (+ .json).")
-def compose_command(router, scores_path, expert_results, alpha, alpha_router, out):
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+def compose_command(router, scores_path, expert_results, alpha, alpha_router, out, force):
     """Dual CERTIFY results from stored router scores and the experts' own certificates.
 
     Gives the rows `certify --router REF --seed S` would write with these noise streams: the
@@ -210,5 +223,5 @@ def compose_command(router, scores_path, expert_results, alpha, alpha_router, ou
     offsets = np.asarray(folder.config.logit_offsets or [0.0] * len(stages), dtype=np.float32)
     result = simulate(scores, stages, offsets, alpha=a, beta=beta)
     write_composed_results(out, scores, result, router=folder, experts=experts, stages=stages, alpha=a, beta=beta,
-                           command=_command_line())
+                           command=_command_line(), overwrite=force)
     click.echo(_summary_line(f"{out}", result))

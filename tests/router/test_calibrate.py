@@ -252,6 +252,14 @@ def test_compose_refuses_mismatched_inputs(routed_set):
                "--out", tmp_path / "o.tsv")
     assert r.exit_code != 0 and "another network" in r.output
     assert not (tmp_path / "o.tsv").exists()
+    # an existing results file is replaced only with --force
+    good = ["compose", "--router", router, "--scores", scores, *sum((["--expert-results", p] for p in tsvs), []),
+            "--out", tmp_path / "o.tsv"]
+    assert invoke(*good).exit_code == 0
+    before = (tmp_path / "o.tsv").read_text()
+    r = invoke(*good)
+    assert r.exit_code != 0 and "--force" in r.output and (tmp_path / "o.tsv").read_text() == before
+    assert invoke(*good, "--force").exit_code == 0
     # calibrate-router writes a folder with offsets and refuses to calibrate twice
     r = invoke("calibrate-router", "--router", router, "--scores", scores,
                *sum((["--expert-results", p] for p in tsvs), []), "--grid", "-0.5:0.5:0.5", "--quiet",
