@@ -36,6 +36,8 @@ if [ ! -f "$OUT/config.json" ]; then
   dualrs-route calibrate-router --router "$ROUTER" --scores "$WORK/holdout-scores.npz" "${hold[@]}" --alpha 0.001 --force \
     --out "$OUT" | tee benchmarks/results/calibrate/calibrate.txt
 fi
+python3 -c "import json, sys; json.dump(json.load(open(sys.argv[1]))['calibration'], open(sys.argv[2], 'w'), indent=1)" \
+  "$OUT/config.json" benchmarks/results/calibrate/calibration-record.json
 if python3 -c "import json, sys; sys.exit(any(json.load(open(sys.argv[1]))['logit_offsets']))" "$OUT/config.json"; then
   echo "the held-out optimum is offsets 0: the calibrated router is the uncalibrated one; nothing to evaluate" >&2
   exit 0

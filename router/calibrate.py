@@ -69,6 +69,8 @@ def collect_scores(counter, images_of: Callable[[Sequence[int]], np.ndarray], la
     if getattr(counter, "logit_offsets", None) is not None:
         raise DataError("router scores are the network's raw logits: build the counter with raw_logits=True")
     out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; delete it or choose another --out")
     parts = out.with_name(out.name + ".parts")
     meta = {"format": SCORES_FORMAT, "indices": [int(i) for i in indices], "sigma": float(sigma), "n0": int(n0),
             "n": int(n), "seed": int(seed), **settings}
@@ -406,7 +408,7 @@ def write_composed_results(out: str | os.PathLike, scores: RouterScores, result:
     settings = {
         "command": "compose", "mode": "router", "dataset": scores.meta.get("dataset"),
         "data": scores.meta.get("data"), "split": scores.meta.get("split"), "skip": scores.meta.get("skip"),
-        "max": scores.meta.get("max"), "N0": None, "N": stages[0].n, "alpha_expert": alpha, "alpha_router": beta,
+        "max": scores.meta.get("max"), "N0": stages[0].metadata.get("settings", {}).get("N0"), "N": stages[0].n, "alpha_expert": alpha, "alpha_router": beta,
         "router_N0": int(scores.select.shape[1]), "router_N": int(scores.estimate.shape[1]),
         "seed": int(scores.meta["seed"]), "logit_offsets": list(router.config.logit_offsets or ()),
         "models": [{"reference": m["reference"], "sha256": m["sha256"], "revision": m["revision"]} for m in models]}

@@ -87,6 +87,8 @@ def test_compose_gives_exactly_the_rows_of_certify_router(routed_set):
                "--seed", 3, "--engine", "torch", "--chunk", 5, "--quiet", "--out", scores)
     assert r.exit_code == 0, r.output
     assert not Path(str(scores) + ".parts").exists()
+    again = invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--out", scores)
+    assert again.exit_code != 0 and "exists" in again.output
     loaded = load_scores(scores)
     assert loaded.select.shape == (24, n0, 3) and loaded.estimate.shape == (24, n, 3)
     # a calibrated copy with offsets that move the decision boundaries
