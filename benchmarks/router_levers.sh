@@ -64,7 +64,7 @@ for L in 80 200; do
   judge "$R" "$WORK/holdout-scores-ft-l$L.npz" ft-l$L-N1000
 done
 # fine-tuning C on 5,000 more label images (training images 10,000-14,999)
-MORE=$WORK/labels-train-10000-5000.npz
+MORE=$ZOO_LABELS/labels-train-10000-5000.npz
 dualrs-route labels "${E[@]}" --dataset cifar10 --data "$DATA" --split train --start 10000 --max 5000 --N0 10 \
   --N 100 --alpha 0.001 --seed 0 --batch 400 --chunk 32 --engine onnxruntime --threads 2 --quiet --out "$MORE"
 R=$WORK/ft-15k
