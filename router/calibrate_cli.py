@@ -99,14 +99,14 @@ def _load_stages(router, scores_path, expert_results):
     return folder, experts, scores, stages
 
 
-def _summary_line(name: str, result: dict, radii=(0.0, 0.5, 1.0)) -> str:
+def _summary_line(name: str, result: dict, num_experts: int, radii=(0.0, 0.5, 1.0)) -> str:
     import numpy as np
 
     from .calibrate import acr
 
     good = result["correct"] == 1
     accs = " ".join(f"r={r:g}: {100 * np.mean(good & (result['radius'] >= r)):.1f}%" for r in radii)
-    routes = np.bincount(result["expert"] + 1, minlength=len(set(result["expert"])) + 1)
+    routes = np.bincount(result["expert"] + 1, minlength=num_experts + 1)
     return (f"{name}: ACR {acr(result):.4f}, {accs}, abstain {100 * np.mean(result['predict'] == -1):.1f}%, "
             f"router abstains {int(routes[0])}, routes {routes[1:].tolist()}")
 
@@ -191,8 +191,8 @@ def calibrate_router_command(router, scores_path, expert_results, alpha, alpha_r
                         "constant_router": {k: round(v, 6) for k, v in singles.items()}},
         "split_half": halves, "seconds": round(time.time() - started, 1)}
     path = write_calibrated_router(folder, out, offsets, record, overwrite=force)
-    click.echo(_summary_line("held-out, offsets 0", zero))
-    click.echo(_summary_line(f"held-out, offsets {[round(float(v), 3) for v in offsets]}", best))
+    click.echo(_summary_line("held-out, offsets 0", zero, len(stages)))
+    click.echo(_summary_line(f"held-out, offsets {[round(float(v), 3) for v in offsets]}", best, len(stages)))
     for name, s in singles.items():
         click.echo(f"held-out, constant router -> {name}: ACR {s:.4f}")
     for name, h in halves.items():
@@ -224,4 +224,4 @@ def compose_command(router, scores_path, expert_results, alpha, alpha_router, ou
     result = simulate(scores, stages, offsets, alpha=a, beta=beta)
     write_composed_results(out, scores, result, router=folder, experts=experts, stages=stages, alpha=a, beta=beta,
                            command=_command_line(), overwrite=force)
-    click.echo(_summary_line(f"{out}", result))
+    click.echo(_summary_line(f"{out}", result, len(stages)))
