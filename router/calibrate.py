@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import shutil
 import time
@@ -148,27 +147,18 @@ class ExpertStage:
     metadata: dict
 
 
-def _read_tsv(path: str | os.PathLike) -> tuple[list[str], list[list[str]], dict]:
-    from .results import sidecar_path
-
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-        meta = json.loads(sidecar_path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path} and its .json sidecar: {exc}") from None
-    if not lines:
-        raise DataError(f"{path} is empty")
-    return lines[0].split("\t"), [line.split("\t") for line in lines[1:] if line.strip()], meta
-
-
 def load_expert_stage(path: str | os.PathLike, scores: RouterScores) -> ExpertStage:
     """Read a ``certify --expert`` TSV that covers every scored image, from the same seed."""
-    header, rows, meta = _read_tsv(path)
+    from .results import read_results
+
+    table = read_results(path)
+    meta, columns = table.metadata, table.columns
     settings = meta.get("settings", {})
-    need = {"idx", "label", "predict", "n_expert", "sigma"}
-    if not need <= set(header):
-        raise DataError(f"{path}: not a dualrs-route certify TSV (columns {sorted(need - set(header))} missing)")
+    if not meta:
+        raise DataError(f"{path} has no .json sidecar: expert results must come from `dualrs-route certify`")
+    missing = sorted({"n_expert", "sigma"} - set(columns))
+    if missing:
+        raise DataError(f"{path}: not a dualrs-route certify TSV (columns {missing} missing)")
     if settings.get("mode") != "single" or meta.get("certificate") is False:
         raise DataError(f"{path}: expert results must come from `certify --expert REF` (mode single), "
                         f"not mode {settings.get('mode')!r}")
@@ -179,24 +169,21 @@ def load_expert_stage(path: str | os.PathLike, scores: RouterScores) -> ExpertSt
                         f"{scores.meta['seed']}: dual CERTIFY draws both stages from one seed")
     if not meta.get("complete", False):
         raise DataError(f"{path} is not complete (its run was interrupted); finish it by re-running its command")
-    pos = {c: header.index(c) for c in header}
-    by_idx = {int(r[pos["idx"]]): r for r in rows}
-    missing = [int(i) for i in scores.idx if int(i) not in by_idx]
-    if missing:
-        raise DataError(f"{path} lacks {len(missing)} of the scored images (e.g. idx {missing[:3]}); certify the same "
-                        "--dataset/--split/--skip/--max")
-    picked = [by_idx[int(i)] for i in scores.idx]
-    labels = np.array([int(r[pos["label"]]) for r in picked])
-    if not np.array_equal(labels, scores.label):
+    row_of = {int(i): r for r, i in enumerate(table.idx)}
+    missing_idx = [int(i) for i in scores.idx if int(i) not in row_of]
+    if missing_idx:
+        raise DataError(f"{path} lacks {len(missing_idx)} of the scored images (e.g. idx {missing_idx[:3]}); certify "
+                        "the same --dataset/--split/--skip/--max")
+    rows = np.array([row_of[int(i)] for i in scores.idx], dtype=np.int64)
+    if not np.array_equal(table.label[rows], scores.label):
         raise DataError(f"{path}: labels differ from the router scores' labels: not the same images")
-    sigmas = {r[pos["sigma"]] for r in picked}
+    sigmas = {columns["sigma"][r] for r in rows}
     if len(sigmas) != 1:
         raise DataError(f"{path}: more than one sigma in the file ({sorted(sigmas)})")
-    name = picked[0][pos["expert"]].partition(":")[2] if "expert" in pos else Path(path).stem
+    name = table.expert[rows[0]].partition(":")[2] if table.expert else Path(path).stem
     return ExpertStage(path=str(path), name=name, sigma=float(sigmas.pop()), n=int(settings["N"]),
-                       alpha=float(settings["alpha_expert"]),
-                       guess=np.array([int(r[pos["predict"]]) for r in picked], dtype=np.int64),
-                       count=np.array([int(r[pos["n_expert"]]) for r in picked], dtype=np.int64), metadata=meta)
+                       alpha=float(settings["alpha_expert"]), guess=table.predict[rows],
+                       count=np.array([int(columns["n_expert"][r]) for r in rows], dtype=np.int64), metadata=meta)
 
 
 _TABLES: dict = {}
@@ -354,28 +341,26 @@ def check_expert_order(experts: Sequence[ExpertStage], expert_folders) -> None:
                             "give one --expert-results file per router expert, in the router's order")
 
 
-def write_calibrated_router(folder, out: str | os.PathLike, offsets, record: dict, *, overwrite: bool = False) -> Path:
-    """A copy of router ``folder`` with ``logit_offsets`` and a ``calibration`` record in its config.
+def write_calibrated_router(folder, experts, out: str | os.PathLike, offsets, record: dict, *,
+                            overwrite: bool = False) -> Path:
+    """A copy of router ``folder`` (routing to the loaded ``experts``) with ``logit_offsets`` and a
+    ``calibration`` record in its config.
 
-    The network files are copied unchanged (the engines add the offsets). Relative expert
+    The network files are copied unchanged (the engines add the offsets). Local expert
     references are rewritten relative to ``out``. Written to a temporary folder and renamed.
     """
     import dataclasses
 
     from experts.folders import CONFIG_FILE, save_folder
 
+    from .training import portable_reference
+
     out = Path(out)
     if out.exists() and (any(out.iterdir()) and not overwrite):
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    experts = []
-    for ref in folder.config.experts:
-        local = folder.path / ref
-        if ":" not in ref.split("/")[0] and local.exists():
-            ref = os.path.relpath(local.resolve(), out.resolve())
-        experts.append(ref)
-    extra = dict(folder.config.extra, calibration=record)
-    config = dataclasses.replace(folder.config, logit_offsets=tuple(float(v) for v in offsets), experts=tuple(experts),
-                                 name=out.name, extra=extra)
+    config = dataclasses.replace(folder.config, logit_offsets=tuple(float(v) for v in offsets),
+                                 experts=tuple(portable_reference(e, out) for e in experts), name=out.name,
+                                 extra=dict(folder.config.extra, calibration=record))
     tmp = out.with_name(out.name + ".tmp-calibrate")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -5,7 +5,6 @@ Registered in :mod:`router.cli` through ``_PLUGIN_COMMANDS``. See :mod:`router.c
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -192,7 +191,7 @@ def calibrate_router_command(router, scores_path, expert_results, alpha, alpha_r
         "heldout_acr": {"zero_offsets": round(acr(zero), 6), "calibrated": round(acr(best), 6),
                         "constant_router": {k: round(v, 6) for k, v in singles.items()}},
         "split_half": halves, "seconds": round(time.time() - started, 1)}
-    path = write_calibrated_router(folder, out, offsets, record, overwrite=force)
+    path = write_calibrated_router(folder, experts, out, offsets, record, overwrite=force)
     click.echo(_summary_line("held-out, offsets 0", zero, len(stages)))
     click.echo(_summary_line(f"held-out, offsets {[round(float(v), 3) for v in offsets]}", best, len(stages)))
     for name, s in singles.items():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -134,6 +134,7 @@ class ResultTable:
     correct: np.ndarray
     metadata: dict
     expert: list[str] | None = None
+    columns: dict = field(default_factory=dict)  # every column as raw text, by name
 
     @property
     def mode(self) -> str:
@@ -173,7 +174,8 @@ def read_results(path: str | os.PathLike) -> ResultTable:
             metadata = json.loads(side.read_text())
         except json.JSONDecodeError:
             metadata = {}
-    return ResultTable(path.stem, idx, label, predict, radius, correct, metadata, expert)
+    columns = {c: [r[i] for r in rows] for c, i in pos.items()}
+    return ResultTable(path.stem, idx, label, predict, radius, correct, metadata, expert, columns)
 
 
 def certified_accuracy(table: ResultTable, radii: Iterable[float]) -> list[float]:

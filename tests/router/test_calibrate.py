@@ -93,7 +93,8 @@ def test_compose_gives_exactly_the_rows_of_certify_router(routed_set):
     assert loaded.select.shape == (24, n0, 3) and loaded.estimate.shape == (24, n, 3)
     # a calibrated copy with offsets that move the decision boundaries
     offsets = (0.0, 0.35, 0.1)
-    calibrated = write_calibrated_router(load_folder(str(router)), tmp_path / "calibrated", offsets, {"test": True})
+    calibrated = write_calibrated_router(load_folder(str(router)), [load_folder(str(e)) for e in experts],
+                                         tmp_path / "calibrated", offsets, {"test": True})
     assert load_folder(str(calibrated)).config.logit_offsets == offsets
     for ref in (router, calibrated):
         composed = tmp_path / f"composed-{Path(ref).name}.tsv"
