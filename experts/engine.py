@@ -65,6 +65,14 @@ def check_offsets(offsets, num_classes: int) -> np.ndarray | None:
     return values.astype(np.float32)
 
 
+def scatter_logits(out: np.ndarray, segments, values: np.ndarray) -> None:
+    """Write one forward batch's logits ``values`` (rows in segment order) into ``out`` [images, n, K]."""
+    offset = 0
+    for image, s0, s1 in segments:
+        out[image, s0:s1] = values[offset:offset + s1 - s0]
+        offset += s1 - s0
+
+
 def batch_segments(num_images: int, n: int, batch_size: int):
     """Split the flattened (image, sample) space into forward batches.
 
@@ -293,9 +301,5 @@ class TorchCounter:
         xs = validate_request(self, xs, sigma, n, keys)
         out = np.empty((len(xs), n, self.num_classes), dtype=np.float32)
         for segments, logits in self._noisy_batches(xs, sigma, n, keys):
-            values = logits.float().cpu().numpy()
-            offset = 0
-            for image, s0, s1 in segments:
-                out[image, s0:s1] = values[offset:offset + s1 - s0]
-                offset += s1 - s0
+            scatter_logits(out, segments, logits.float().cpu().numpy())
         return out

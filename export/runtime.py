@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experts.engine import batch_segments, check_offsets, validate_request
+from experts.engine import batch_segments, check_offsets, scatter_logits, validate_request
 from experts.errors import EngineUnavailableError, ModelFormatError
 from experts.noise import BLOCK, NoiseKey, blocks_for, fill_torch_noise, numpy_block
 from experts.stats import check_count
@@ -277,10 +277,7 @@ class OrtCounter:
         xs = np.ascontiguousarray(validate_request(self, xs, sigma, n, keys))
         out = np.empty((len(xs), n, self.num_classes), dtype=np.float32)
         for segments, logits in self._noisy_batches(xs, sigma, n, keys):
-            offset = 0
-            for image, s0, s1 in segments:
-                out[image, s0:s1] = logits[offset:offset + s1 - s0]
-                offset += s1 - s0
+            scatter_logits(out, segments, logits)
         return out
 
 

@@ -24,6 +24,7 @@ abstains at alpha abstains at every smaller alpha).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -39,18 +40,14 @@ from experts.errors import DataError, ResumeMismatchError
 from experts.noise import NoiseKey, Stage
 from experts.stats import ABSTAIN, check_alpha, lower_confidence_bound
 
+from .labels import save_npz_atomic
+
 SCORES_FORMAT = "dualrs-route router scores v1"
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. Router scores: logits on every noisy copy of the router stage
 # ---------------------------------------------------------------------------------------------
-
-def _save_npz_atomic(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
 
 def collect_scores(counter, images_of: Callable[[Sequence[int]], np.ndarray], labels: Sequence[int],
                    indices: Sequence[int], *, sigma: float, n0: int, n: int, seed: int, out: str | os.PathLike,
@@ -91,13 +88,13 @@ def collect_scores(counter, images_of: Callable[[Sequence[int]], np.ndarray], la
         xs = images_of(idx)
         select = counter.logits_many(xs, sigma, n0, keys=[NoiseKey(seed, i, Stage.ROUTER_SELECT) for i in idx])
         estimate = counter.logits_many(xs, sigma, n, keys=[NoiseKey(seed, i, Stage.ROUTER_ESTIMATE) for i in idx])
-        _save_npz_atomic(parts / f"{g:06d}.npz", select=select, estimate=estimate)
+        save_npz_atomic(parts / f"{g:06d}.npz", select=select, estimate=estimate)
     select, estimate = [], []
     for g in range(len(groups)):
         with np.load(parts / f"{g:06d}.npz") as part:
             select.append(part["select"])
             estimate.append(part["estimate"])
-    _save_npz_atomic(out, idx=np.asarray(indices, dtype=np.int64), label=np.asarray(labels, dtype=np.int64),
+    save_npz_atomic(out, idx=np.asarray(indices, dtype=np.int64), label=np.asarray(labels, dtype=np.int64),
                      select=np.concatenate(select), estimate=np.concatenate(estimate),
                      meta=np.asarray(json.dumps(meta)))
     shutil.rmtree(parts)
@@ -279,10 +276,11 @@ def fit_offsets(scores: RouterScores, experts: Sequence[ExpertStage], *, alpha: 
     k = scores.select.shape[-1]
     if k < 2:
         raise DataError("a router with one output has nothing to calibrate")
-    sub = scores if rows is None else RouterScores(scores.idx[rows], scores.label[rows], scores.select[rows],
-                                                   scores.estimate[rows], scores.meta)
-    stages = experts if rows is None else [
-        ExpertStage(e.path, e.name, e.sigma, e.n, e.alpha, e.guess[rows], e.count[rows], e.metadata) for e in experts]
+    sub = scores if rows is None else dataclasses.replace(
+        scores, idx=scores.idx[rows], label=scores.label[rows], select=scores.select[rows],
+        estimate=scores.estimate[rows])
+    stages = experts if rows is None else [dataclasses.replace(e, guess=e.guess[rows], count=e.count[rows])
+                                           for e in experts]
     seen: dict[tuple[float, ...], float] = {}
 
     def score(point) -> float:
@@ -349,8 +347,6 @@ def write_calibrated_router(folder, experts, out: str | os.PathLike, offsets, re
     The network files are copied unchanged (the engines add the offsets). Local expert
     references are rewritten relative to ``out``. Written to a temporary folder and renamed.
     """
-    import dataclasses
-
     from experts.folders import CONFIG_FILE, save_folder
 
     from .training import portable_reference

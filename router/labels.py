@@ -157,16 +157,21 @@ class LabelSet:
         }
 
 
-def save_labels(path: str | os.PathLike, labels: LabelSet) -> None:
-    """Write ``labels`` to ``path`` atomically (temporary file, fsync, rename)."""
+def save_npz_atomic(path: str | os.PathLike, **arrays) -> None:
+    """Write ``arrays`` as an npz at ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
-        np.savez(handle, **labels.arrays())
+        np.savez(handle, **arrays)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def save_labels(path: str | os.PathLike, labels: LabelSet) -> None:
+    """Write ``labels`` to ``path`` atomically."""
+    save_npz_atomic(path, **labels.arrays())
 
 
 def load_labels(path: str | os.PathLike, *, require_complete: bool = False) -> LabelSet:
