@@ -293,14 +293,26 @@ def import_cohen(checkpoint, out_dir, sigma, dataset, arch, force):
               help="Train on this fraction of the training split (a fixed random subset).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: torch.autocast on the CPU with fp32 master weights (fast only where the CPU has "
+                   "AVX-512 BF16 or AMX).")
+@click.option("--consistency", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="LAMBDA",
+              help="Consistency regularisation (Jeong and Shin 2020) with this lambda (paper: 10-20); 0: plain "
+                   "Gaussian augmentation.")
+@click.option("--eta", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Entropy weight of the consistency loss.")
+@click.option("--copies", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Noisy copies per image for the consistency loss (m).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Expert folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing model folder.")
 @click.option("--quiet", is_flag=True)
-def train_expert(dataset, data, sigma, arch, arch_args, epochs, batch, lr, weight_decay, fraction, seed, threads, out,
-                 force, quiet):
-    """Train an expert with Gaussian data augmentation at --sigma (Cohen et al.'s recipe).
+def train_expert(dataset, data, sigma, arch, arch_args, epochs, batch, lr, weight_decay, fraction, seed, threads,
+                 precision, consistency, eta, copies, out, force, quiet):
+    """Train an expert at noise level --sigma.
 
-    Checkpoints every epoch to OUT/checkpoint.pt; re-running the same command resumes.
+    Gaussian data augmentation (Cohen et al.) by default; --consistency LAMBDA adds Jeong and
+    Shin's consistency regularisation over --copies noisy copies. Checkpoints every epoch to
+    OUT/checkpoint.pt; re-running the same command resumes.
     """
     from experts.training import train_expert as run_training
 
@@ -313,6 +325,7 @@ def train_expert(dataset, data, sigma, arch, arch_args, epochs, batch, lr, weigh
     command = "dualrs-route " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = run_training(dataset=dataset, data=data, sigma=sigma, arch=arch, arch_args=parsed_args, epochs=epochs,
                         batch=batch, lr=lr, weight_decay=weight_decay, fraction=fraction, seed=seed, threads=threads,
+                        precision=precision, consistency=consistency, eta=eta, copies=copies,
                         out=out, overwrite=force, command=command, log=None if quiet else click.echo)
     click.echo(f"wrote {path}")
 
