@@ -27,12 +27,12 @@ import time
 import numpy as np
 import torch
 
-from experts.architectures import build_model, count_flops
-from experts.data import CIFAR10_MEAN, CIFAR10_STD
-from experts.engine import TorchCounter
-from experts.noise import NoiseKey, Stage
-from experts.smoothing import SmoothedClassifier
-from router.dual import DualCertifier, router_smoothed
+from dualrs_route.experts.architectures import build_model, count_flops
+from dualrs_route.experts.data import CIFAR10_MEAN, CIFAR10_STD
+from dualrs_route.experts.engine import TorchCounter
+from dualrs_route.experts.noise import NoiseKey, Stage
+from dualrs_route.experts.smoothing import SmoothedClassifier
+from dualrs_route.router.dual import DualCertifier, router_smoothed
 
 SHAPE = (3, 32, 32)
 
@@ -81,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sigma = 0.25
     if args.expert:
-        from experts.folders import load_folder
+        from dualrs_route.experts.folders import load_folder
 
         model = load_folder(args.expert).load_torch_model()
         source = args.expert

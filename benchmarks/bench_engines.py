@@ -43,8 +43,8 @@ BASELINE = "baseline (Cohen loop, fp32 eager)"
 
 def load_split(dataset: str, split: str, data: Path | None):
     """The dataset split, or None when its files are absent (CIFAR-10 without ../shared/data)."""
-    from experts.data import load_dataset
-    from experts.errors import DataError
+    from dualrs_route.experts.data import load_dataset
+    from dualrs_route.experts.errors import DataError
 
     try:
         return load_dataset(dataset, split=split, data=str(data) if data else None)
@@ -55,11 +55,11 @@ def load_split(dataset: str, split: str, data: Path | None):
 def prepare_expert(expert: Path, work: Path, dataset: str, data: Path | None,
                    calibration: int) -> tuple[Path, bool, str]:
     """Copy (or create) the expert in ``work`` with model.onnx and model.int8.onnx. Returns (folder, trained, note)."""
-    from experts.architectures import build_model
-    from experts.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-    from experts.folders import ModelConfig, save_folder
-    from export.onnx_export import export_onnx
-    from export.quantize import quantize_int8
+    from dualrs_route.experts.architectures import build_model
+    from dualrs_route.experts.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+    from dualrs_route.experts.folders import ModelConfig, save_folder
+    from dualrs_route.export.onnx_export import export_onnx
+    from dualrs_route.export.quantize import quantize_int8
 
     folder = work / "expert"
     if (expert / "config.json").is_file() and (expert / "model.safetensors").is_file():
@@ -125,7 +125,7 @@ def engine_specs(device: str) -> dict:
 
 def make_engine(f, name: str, batch: int, threads: int, device: str):
     """The counter for engine row ``name`` on ``device``; raises DualRSError/ValueError/ImportError if it cannot run."""
-    from experts.folders import make_counter
+    from dualrs_route.export.engines import make_counter
 
     options = dict(engine_specs(device)[name])
     if options["engine"] == "onnxruntime" and threads:
@@ -137,10 +137,10 @@ def build_engines(folder: Path, batch: int, threads: int, device: str = "cpu"):
     """(name -> callable counting n samples of x at sigma with a fixed key, name -> why a row cannot run here)."""
     import torch
 
-    from experts.errors import DualRSError
-    from experts.folders import load_folder
-    from experts.noise import NoiseKey, Stage
-    from export.bench import naive_cohen_counts
+    from dualrs_route.experts.errors import DualRSError
+    from dualrs_route.experts.folders import load_folder
+    from dualrs_route.experts.noise import NoiseKey, Stage
+    from dualrs_route.router.bench import naive_cohen_counts
 
     f = load_folder(str(folder))
     cfg = f.config
@@ -164,9 +164,9 @@ def build_engines(folder: Path, batch: int, threads: int, device: str = "cpu"):
 
 def noise_rates(shape, samples: int, repeats: int) -> dict:
     """Noise generation alone (x + sigma * eps into a host buffer), samples/s, torch vs numpy keyed blocks."""
-    from experts.noise import NoiseKey, Stage
-    from export.bench import median_seconds
-    from export.runtime import NumpyHostNoise, TorchHostNoise
+    from dualrs_route.experts.noise import NoiseKey, Stage
+    from dualrs_route.router.bench import median_seconds
+    from dualrs_route.export.runtime import NumpyHostNoise, TorchHostNoise
 
     x = np.full(shape, 0.5, dtype=np.float32)
     out = np.empty((samples, *shape), dtype=np.float32)
@@ -181,14 +181,15 @@ def noise_rates(shape, samples: int, repeats: int) -> dict:
 def agreement(folder: Path, test, images: int, n0: int, n: int, batch: int, threads: int, log,
               device: str = "cpu") -> dict:
     """Certify ``images`` test images (evenly spaced) with each engine; compare with torch fp32."""
-    from experts.folders import load_folder, make_counter
-    from experts.smoothing import SmoothedClassifier
+    from dualrs_route.experts.folders import load_folder
+    from dualrs_route.export.engines import make_counter
+    from dualrs_route.experts.smoothing import SmoothedClassifier
 
     f = load_folder(str(folder))
     images = min(images, len(test))
     indices = np.linspace(0, len(test) - 1, images).astype(int)
     xs, labels = test.batch(indices), test.labels[indices]
-    from experts.errors import DualRSError
+    from dualrs_route.experts.errors import DualRSError
 
     certs, skipped = {}, {}
     for name in AGREEMENT["cuda" if device.startswith("cuda") else "cpu"]:
@@ -238,9 +239,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from experts.architectures import count_flops
-    from experts.folders import load_folder
-    from export.bench import matmul_peak, round_robin, _versions
+    from dualrs_route.experts.architectures import count_flops
+    from dualrs_route.experts.folders import load_folder
+    from dualrs_route.router.bench import matmul_peak, round_robin, _versions
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     gpu = args.device.startswith("cuda")
     if gpu:
-        from experts.engine import resolve_device
+        from dualrs_route.experts.engine import resolve_device
 
         resolve_device(args.device)  # a clear error now rather than after the int8 calibration
         result_device = torch.cuda.get_device_name(torch.device(args.device))

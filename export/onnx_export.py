@@ -26,8 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from experts.errors import ExportMismatchError, ModelFormatError
-from experts.folders import CONFIG_FILE, ONNX_FILE, SAFETENSORS_FILE, ModelFolder, load_folder
+from dualrs_route.experts.errors import ExportMismatchError, ModelFormatError
+from dualrs_route.experts.folders import CONFIG_FILE, ONNX_FILE, SAFETENSORS_FILE, ModelFolder, load_folder
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"

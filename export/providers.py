@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from experts.errors import EngineUnavailableError
+from dualrs_route.experts.errors import EngineUnavailableError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -213,7 +213,7 @@ def create_session(model_path: str | os.PathLike, plan: ProviderPlan, *, threads
             raise
         message = " ".join(str(exc).split())[:400]
         if plan.required == CPU:
-            from experts.errors import ModelFormatError
+            from dualrs_route.experts.errors import ModelFormatError
 
             raise ModelFormatError(f"ONNX Runtime cannot load {model_path}: {message}; re-export it with "
                                    "`dualrs-route export REF --to onnx`") from None

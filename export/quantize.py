@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experts.errors import EngineUnavailableError, ModelFormatError
-from experts.folders import ONNX_FILE
+from dualrs_route.experts.errors import EngineUnavailableError, ModelFormatError
+from dualrs_route.experts.folders import ONNX_FILE
 
 from .onnx_export import INPUT_NAME, as_folder
 from .runtime import INT8_FILE

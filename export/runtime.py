@@ -39,10 +39,10 @@ from typing import Sequence
 
 import numpy as np
 
-from experts.engine import batch_segments, check_offsets, scatter_logits, validate_request
-from experts.errors import EngineUnavailableError, ModelFormatError
-from experts.noise import BLOCK, NoiseKey, blocks_for, fill_torch_noise, numpy_block
-from experts.stats import check_count
+from dualrs_route.experts.engine import batch_segments, check_offsets, scatter_logits, validate_request
+from dualrs_route.experts.errors import EngineUnavailableError, ModelFormatError
+from dualrs_route.experts.noise import BLOCK, NoiseKey, blocks_for, fill_torch_noise, numpy_block
+from dualrs_route.experts.stats import check_count
 
 from .providers import CPU, PROVIDER_CHOICES, choose_providers, create_session
 
@@ -53,7 +53,7 @@ NOISE_SOURCES = ("auto", "torch", "numpy")
 
 def model_file_for(folder_path: Path, precision: str) -> Path:
     """``model.onnx`` for fp32/fp16, ``model.int8.onnx`` for int8."""
-    from experts.folders import ONNX_FILE
+    from dualrs_route.experts.folders import ONNX_FILE
 
     return Path(folder_path) / (INT8_FILE if precision == "int8" else ONNX_FILE)
 
@@ -136,7 +136,7 @@ class OrtCounter:
                  device: str = "cpu", batch_size: int = 400, precision: str = "fp32", provider: str = "auto",
                  threads: int | None = None, noise: str = "auto", io_binding: bool = True, prefetch: bool = True,
                  engine_cache_dir: str | os.PathLike | None = None):
-        from experts.folders import sha256_file
+        from dualrs_route.experts.folders import sha256_file
 
         if precision not in ORT_PRECISIONS:
             raise EngineUnavailableError(

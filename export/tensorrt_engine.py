@@ -25,9 +25,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from experts.engine import TorchCounter, resolve_device
-from experts.errors import EngineUnavailableError, ModelFormatError
-from experts.folders import ONNX_FILE, sha256_file
+from dualrs_route.experts.engine import TorchCounter, resolve_device
+from dualrs_route.experts.errors import EngineUnavailableError, ModelFormatError
+from dualrs_route.experts.folders import ONNX_FILE, sha256_file
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME
 

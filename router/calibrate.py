@@ -36,9 +36,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from experts.errors import DataError, ResumeMismatchError
-from experts.noise import NoiseKey, Stage
-from experts.stats import ABSTAIN, check_alpha, lower_confidence_bound
+from dualrs_route.experts.errors import DataError, ResumeMismatchError
+from dualrs_route.experts.noise import NoiseKey, Stage
+from dualrs_route.experts.stats import ABSTAIN, check_alpha, lower_confidence_bound
 
 from .labels import save_npz_atomic
 
@@ -189,7 +189,7 @@ _TABLES: dict = {}
 def bound_tables(n: int, alpha: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """p_lower and radius (-1 where CERTIFY abstains) for every count 0..n, from the scalar functions
     that CERTIFY itself uses (so a simulated certificate equals a real one bit for bit)."""
-    from experts.stats import certified_radius
+    from dualrs_route.experts.stats import certified_radius
 
     key = (int(n), float(alpha), float(sigma))
     if key not in _TABLES:
@@ -347,7 +347,7 @@ def write_calibrated_router(folder, experts, out: str | os.PathLike, offsets, re
     The network files are copied unchanged (the engines add the offsets). Local expert
     references are rewritten relative to ``out``. Written to a temporary folder and renamed.
     """
-    from experts.folders import CONFIG_FILE, save_folder
+    from dualrs_route.experts.folders import CONFIG_FILE, save_folder
 
     from .training import portable_reference
 

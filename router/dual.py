@@ -21,11 +21,12 @@ from typing import Sequence
 
 import numpy as np
 
-from experts.errors import IncompatibleModelsError
-from experts.folders import ModelFolder, load_folder, make_counter
-from experts.noise import Stage
-from experts.smoothing import SmoothedClassifier
-from experts.stats import ABSTAIN, Certificate, check_alpha
+from dualrs_route.experts.errors import IncompatibleModelsError
+from dualrs_route.experts.folders import ModelFolder, load_folder
+from dualrs_route.export.engines import make_counter
+from dualrs_route.experts.noise import Stage
+from dualrs_route.experts.smoothing import SmoothedClassifier
+from dualrs_route.experts.stats import ABSTAIN, Certificate, check_alpha
 
 
 @dataclass(frozen=True)

@@ -60,11 +60,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from experts.data import Dataset, check_images
-from experts.errors import DataError, IncompatibleModelsError, ResumeMismatchError
-from experts.folders import ModelFolder
-from experts.noise import NoiseKey, Stage
-from experts.stats import ABSTAIN, certify_from_counts, check_alpha, check_count
+from dualrs_route.experts.data import Dataset, check_images
+from dualrs_route.experts.errors import DataError, IncompatibleModelsError, ResumeMismatchError
+from dualrs_route.experts.folders import ModelFolder
+from dualrs_route.experts.noise import NoiseKey, Stage
+from dualrs_route.experts.stats import ABSTAIN, certify_from_counts, check_alpha, check_count
 
 FORMAT = "dualrs-route labels v1"
 DEFAULT_N0 = 10
@@ -266,7 +266,7 @@ def select_label_indices(length: int, *, max_images: int | None = None, fraction
     The fraction subset is ``start + experts.training.training_subset(length - start, fraction, seed)``.
     ``start`` lets a held-out labels file use images that the training labels do not.
     """
-    from experts.training import training_subset
+    from dualrs_route.experts.training import training_subset
 
     if max_images is not None and fraction is not None:
         raise ValueError("pass either --max or --fraction, not both")
@@ -305,7 +305,7 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
     ``counters`` (one :class:`~experts.engine.NoisyCounter` per expert) replaces building
     them from the folders, for tests.
     """
-    from router.dual import check_expert_set
+    from dualrs_route.router.dual import check_expert_set
 
     log = log or (lambda message: None)
     if len(experts) < 2:
@@ -373,7 +373,7 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
         )
         done = 0
     if counters is None:
-        from experts.folders import make_counter
+        from dualrs_route.export.engines import make_counter
 
         counters = [make_counter(f, engine=engine, device=device, batch_size=batch, precision=precision,
                                  compile=compile) for f in experts]

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from experts.errors import DataError, ResumeMismatchError
+from dualrs_route.experts.errors import DataError, ResumeMismatchError
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 ROUTING_COLUMNS = ("expert", "sigma", "radius_router", "radius_expert", "p_router_lower", "p_expert_lower",

@@ -16,11 +16,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from experts.data import Dataset, check_images, select_indices
-from experts.errors import DualRSError, IncompatibleModelsError
-from experts.folders import ModelFolder, load_folder
-from experts.smoothing import SmoothedClassifier
-from experts.stats import ABSTAIN, check_alpha, check_count, check_sigma
+from dualrs_route.experts.data import Dataset, check_images, select_indices
+from dualrs_route.experts.errors import DualRSError, IncompatibleModelsError
+from dualrs_route.experts.folders import ModelFolder, load_folder
+from dualrs_route.experts.smoothing import SmoothedClassifier
+from dualrs_route.experts.stats import ABSTAIN, check_alpha, check_count, check_sigma
 
 from .dual import DualCertifier, build_smoothed, check_expert_set, load_router_set, split_alpha
 from .results import COLUMNS, ResultsWriter

@@ -46,10 +46,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from experts.errors import DataError, IncompatibleModelsError
-from experts.folders import BUILTIN_PREFIX, HUB_PREFIX, ModelConfig, ModelFolder, load_folder, save_folder
-from experts.stats import check_sigma
-from experts.training import resume_checkpoint
+from dualrs_route.experts.errors import DataError, IncompatibleModelsError
+from dualrs_route.experts.folders import BUILTIN_PREFIX, HUB_PREFIX, ModelConfig, ModelFolder, load_folder, save_folder
+from dualrs_route.experts.stats import check_sigma
+from dualrs_route.experts.training import resume_checkpoint
 
 from .labels import LabelSet, best_expert, label_summary, load_labels, merge_labels, routable, weights_hash
 
@@ -182,7 +182,7 @@ def default_router_architecture(input_shape) -> tuple[str, dict]:
 
 
 def _dataset_of(labels: LabelSet, data: str | None):
-    from experts.data import load_dataset
+    from dualrs_route.experts.data import load_dataset
 
     settings = labels.meta.get("settings", {})
     return load_dataset(settings.get("dataset", ""), split=settings.get("split", "train"),
@@ -227,9 +227,9 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
     """
     import torch
 
-    from experts.architectures import build_model
-    from experts.engine import resolve_device
-    from experts.training import augment as augment_batch
+    from dualrs_route.experts.architectures import build_model
+    from dualrs_route.experts.engine import resolve_device
+    from dualrs_route.experts.training import augment as augment_batch
 
     from .dual import check_expert_set, load_router_set
 
@@ -421,7 +421,7 @@ def init_from_folder(model, folder: ModelFolder) -> list[str]:
 
 
 def _file_sha256(path) -> str:
-    from experts.folders import sha256_file
+    from dualrs_route.experts.folders import sha256_file
 
     return sha256_file(Path(path))
 
@@ -476,7 +476,7 @@ def router_choices(counter, sigma_e: float, dataset, indices, *, n: int = 100, s
 
     Uses the ROUTER_PREDICT noise streams of ``seed``; no abstention (a diagnostic, not a certificate).
     """
-    from experts.noise import NoiseKey, Stage
+    from dualrs_route.experts.noise import NoiseKey, Stage
 
     out = []
     for start in range(0, len(indices), chunk):
@@ -490,7 +490,7 @@ def router_choices(counter, sigma_e: float, dataset, indices, *, n: int = 100, s
 def routing_report_for_folder(router: str, holdout: LabelSet, *, n: int = 100, seed: int = 0, data: str | None = None,
                               device: str = "cpu", batch: int = 400) -> dict:
     """:func:`routing_diagnostics` of a router folder on a held-out labels file (same experts)."""
-    from experts.folders import make_counter
+    from dualrs_route.export.engines import make_counter
 
     from .dual import load_router_set
 

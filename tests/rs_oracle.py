@@ -24,8 +24,8 @@ def write_linear_folder(path, *, weight, bias, sigma, kind="expert", experts=Non
     """Write a ``linear``-architecture folder whose logits are exactly ``weight @ x.flatten() + bias``."""
     import torch
 
-    from experts.architectures import build_model
-    from experts.folders import ModelConfig, save_folder
+    from dualrs_route.experts.architectures import build_model
+    from dualrs_route.experts.folders import ModelConfig, save_folder
 
     weight = np.asarray(weight, dtype=np.float32)
     bias = np.asarray(bias, dtype=np.float32)
@@ -47,7 +47,7 @@ def linear_model(weight, bias, input_shape=(1, 1, 4)):
     """The in-memory ``linear`` network (Sequential(NormalizeLayer, Flatten+Linear)) with given weights."""
     import torch
 
-    from experts.architectures import build_model
+    from dualrs_route.experts.architectures import build_model
 
     weight = np.asarray(weight, dtype=np.float32)
     model = build_model("linear", num_classes=weight.shape[0], input_shape=input_shape,

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experts.errors import ModelFormatError, ModelNotFoundError
-from experts.folders import load_folder, parse_hub_reference, resolve_reference, sha256_file
+from dualrs_route.experts.errors import ModelFormatError, ModelNotFoundError
+from dualrs_route.experts.folders import load_folder, parse_hub_reference, resolve_reference, sha256_file
 from rs_oracle import write_linear_folder
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -104,7 +104,7 @@ def test_cli_uses_default_cache_offline(hub, monkeypatch, tmp_path):
     import huggingface_hub.constants
     from click.testing import CliRunner
 
-    from router.cli import main
+    from dualrs_route.cli import main
 
     cache, _, _ = hub
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))

@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from experts.folders import load_folder, make_counter  # noqa: E402
-from experts.training import augment, train_expert  # noqa: E402
+from dualrs_route.experts.folders import load_folder
+from dualrs_route.export.engines import make_counter  # noqa: E402
+from dualrs_route.experts.training import augment, train_expert  # noqa: E402
 
 TINY = {"channels": [4], "hidden": 8}
 

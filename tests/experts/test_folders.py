@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from experts import architectures
-from experts.data import check_images, load_dataset, select_indices
-from experts.errors import DataError, ModelFormatError
-from experts.folders import ModelConfig, builtin_names, load_folder, make_counter, save_folder
+from dualrs_route.experts import architectures
+from dualrs_route.experts.data import check_images, load_dataset, select_indices
+from dualrs_route.experts.errors import DataError, ModelFormatError
+from dualrs_route.experts.folders import ModelConfig, builtin_names, load_folder, save_folder
+from dualrs_route.export.engines import make_counter
 from rs_oracle import write_linear_folder
 
 BASE = {"kind": "expert", "sigma": 0.5, "num_classes": 3, "input_shape": [1, 4, 4], "architecture": "linear"}

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from experts import noise
-from experts.engine import NoisyCounter, TorchCounter, batch_segments, resolve_device
-from experts.errors import EngineUnavailableError
-from experts.noise import NoiseKey, Stage, numpy_noise
-from experts.smoothing import SmoothedClassifier
+from dualrs_route.experts import noise
+from dualrs_route.experts.engine import NoisyCounter, TorchCounter, batch_segments, resolve_device
+from dualrs_route.experts.errors import EngineUnavailableError
+from dualrs_route.experts.noise import NoiseKey, Stage, numpy_noise
+from dualrs_route.experts.smoothing import SmoothedClassifier
 from rs_oracle import linear_model
 
 SHAPE = (1, 4, 4)
@@ -180,7 +180,7 @@ def test_certify_uses_fresh_selection_then_estimation_streams():
 
 def test_certify_selection_comes_from_n0_draw_and_estimate_from_n_draw():
     # Direct replay of Cohen's CERTIFY with the same keyed streams.
-    from experts.stats import certify_from_counts
+    from dualrs_route.experts.stats import certify_from_counts
 
     c = counter()
     smoothed = SmoothedClassifier(c, 0.5)
@@ -270,7 +270,8 @@ def test_compiled_counter_counts_like_eager_and_keeps_one_shape(tmp_path, monkey
 
 
 def test_compile_needs_the_torch_engine(tmp_path):
-    from experts.folders import load_folder, make_counter
+    from dualrs_route.experts.folders import load_folder
+    from dualrs_route.export.engines import make_counter
     from rs_oracle import write_linear_folder
 
     folder = load_folder(str(write_linear_folder(tmp_path / "lin", weight=W3, bias=B3, sigma=0.5,

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
-from experts.engine import TorchCounter
-from experts.smoothing import SmoothedClassifier
+from dualrs_route.experts.engine import TorchCounter
+from dualrs_route.experts.smoothing import SmoothedClassifier
 from rs_oracle import BinaryLinear, certify_outcomes, linear_model
 
 SIGMA = 0.5

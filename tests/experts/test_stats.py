@@ -10,8 +10,8 @@ from scipy.special import comb
 from scipy.stats import beta as beta_dist
 from scipy.stats import binom, norm
 
-from experts import stats
-from experts.stats import (
+from dualrs_route.experts import stats
+from dualrs_route.experts.stats import (
     ABSTAIN,
     certified_radius,
     certify_from_counts,

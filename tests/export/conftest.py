@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from experts.architectures import build_model
-from experts.folders import ModelConfig, save_folder
+from dualrs_route.experts.architectures import build_model
+from dualrs_route.experts.folders import ModelConfig, save_folder
 
 TINY_SHAPE = (1, 8, 8)
 TINY_CLASSES = 4
@@ -39,8 +39,8 @@ def exported_folder(tmp_path_factory):
 
     Session-scoped to keep the suite fast; tests that modify a folder copy it first (``folder_copy``).
     """
-    from export.onnx_export import export_onnx
-    from export.quantize import quantize_int8
+    from dualrs_route.export.onnx_export import export_onnx
+    from dualrs_route.export.quantize import quantize_int8
 
     folder = write_tiny_folder(tmp_path_factory.mktemp("tiny") / "tiny-expert")
     export_onnx(str(folder))

@@ -46,7 +46,7 @@ def test_bench_engines_gpu_table_needs_a_gpu(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the GPU table runs (see the gpu-marked test)")
-    from experts.errors import EngineUnavailableError
+    from dualrs_route.experts.errors import EngineUnavailableError
 
     with pytest.raises(EngineUnavailableError, match="no CUDA GPU"):
         _load_script().main(["--device", "cuda", "--expert", str(tmp_path / "missing"), "--data", str(tmp_path)])

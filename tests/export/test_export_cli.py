@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from router.cli import main
+from dualrs_route.cli import main
 
 
 @pytest.fixture
@@ -90,8 +90,8 @@ def test_bench_router_reports_dual_overhead(run, tiny_router, tmp_path):
 
 
 def test_export_router_copy_keeps_expert_references_working(run, tiny_router, tmp_path):
-    from experts.folders import load_folder
-    from router.dual import load_router_set
+    from dualrs_route.experts.folders import load_folder
+    from dualrs_route.router.dual import load_router_set
 
     out = tmp_path / "elsewhere" / "router-onnx"
     result = run("export", tiny_router, "--out", out, "--copy-weights")
@@ -103,7 +103,7 @@ def test_export_router_copy_keeps_expert_references_working(run, tiny_router, tm
 
 def test_bench_torch_compile_rows(run, exported_folder, tmp_path, monkeypatch):
     """`--engine torch-compile` benchmarks the torch engine with compile=True (torch.compile faked: it is slow)."""
-    from experts import engine
+    from dualrs_route.experts import engine
 
     compiled = []
 
@@ -125,7 +125,7 @@ def test_bench_torch_compile_rows(run, exported_folder, tmp_path, monkeypatch):
 
 
 def test_matmul_peak_is_the_best_library_and_keeps_each_rate():
-    from export.bench import matmul_peak
+    from dualrs_route.router.bench import matmul_peak
 
     peak = matmul_peak(size=256, seconds=0.2, threads=1)
     assert sorted(name.split()[0] for name in peak["libraries"]) == ["numpy", "torch"]
@@ -136,7 +136,7 @@ def test_matmul_peak_is_the_best_library_and_keeps_each_rate():
 
 
 def test_matmul_peak_numpy_child_is_limited_to_the_threads_asked(monkeypatch):
-    import export.bench as bench
+    import dualrs_route.router.bench as bench
 
     seen = {}
 
@@ -157,14 +157,14 @@ def test_matmul_peak_numpy_child_is_limited_to_the_threads_asked(monkeypatch):
 
 
 def test_matmul_peak_numpy_child_really_times():
-    import export.bench as bench
+    import dualrs_route.router.bench as bench
 
     median, products = bench._numpy_products(128, 0.05, 1)
     assert products >= 5 and 0 < median < 5
 
 
 def test_matmul_peak_survives_a_failing_numpy_child(monkeypatch):
-    import export.bench as bench
+    import dualrs_route.router.bench as bench
 
     def broken(*args, **kwargs):
         raise RuntimeError("no BLAS here")

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from experts.errors import ExportMismatchError, ModelFormatError
-from experts.folders import load_folder
-from export import onnx_export
-from export.onnx_export import compare_outputs, export_onnx, validate_onnx
+from dualrs_route.experts.errors import ExportMismatchError, ModelFormatError
+from dualrs_route.experts.folders import load_folder
+from dualrs_route.export import onnx_export
+from dualrs_route.export.onnx_export import compare_outputs, export_onnx, validate_onnx
 
 from conftest import TINY_CLASSES, TINY_SHAPE, write_tiny_folder
 
@@ -114,8 +114,8 @@ def test_confidence_head_router_exports_with_its_sort(tmp_path):
     """confidence_head sorts probabilities (ONNX TopK): export validates and ORT matches torch."""
     import torch
 
-    from experts.architectures import build_model
-    from experts.folders import ModelConfig, save_folder
+    from dualrs_route.experts.architectures import build_model
+    from dualrs_route.experts.folders import ModelConfig, save_folder
 
     torch.manual_seed(0)
     args = {"base": "small_cnn", "base_args": {"channels": [4], "hidden": 8}, "base_classes": 5, "hidden": 6}

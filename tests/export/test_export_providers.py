@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from experts.errors import EngineUnavailableError
-from export import providers
-from export.providers import CPU, CUDA, TENSORRT, ProviderPlan, choose_providers, create_session, parse_device
+from dualrs_route.experts.errors import EngineUnavailableError
+from dualrs_route.export import providers
+from dualrs_route.export.providers import CPU, CUDA, TENSORRT, ProviderPlan, choose_providers, create_session, parse_device
 
 
 @pytest.fixture

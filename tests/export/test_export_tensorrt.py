@@ -10,9 +10,10 @@ import importlib.util
 import numpy as np
 import pytest
 
-from experts.errors import EngineUnavailableError
-from experts.folders import load_folder, make_counter
-from experts.noise import NoiseKey, Stage
+from dualrs_route.experts.errors import EngineUnavailableError
+from dualrs_route.experts.folders import load_folder
+from dualrs_route.export.engines import make_counter
+from dualrs_route.experts.noise import NoiseKey, Stage
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -24,7 +25,7 @@ def _cuda_available() -> bool:
 
 
 def test_module_imports_without_tensorrt():
-    import export.tensorrt_engine as module
+    import dualrs_route.export.tensorrt_engine as module
 
     assert callable(module.build_engine) and module.INSTALL_HINT == "pip install 'dualrs-route[gpu]'"
 
@@ -40,7 +41,7 @@ def test_missing_tensorrt_is_a_clear_error(exported_folder):
 def test_export_to_tensorrt_without_tensorrt_exits_cleanly(exported_folder):
     from click.testing import CliRunner
 
-    from router.cli import main
+    from dualrs_route.cli import main
 
     result = CliRunner().invoke(main, ["export", str(exported_folder), "--to", "tensorrt"])
     assert result.exit_code == 1 and "pip install 'dualrs-route[gpu]'" in result.output

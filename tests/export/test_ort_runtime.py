@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experts.engine import NoisyCounter, TorchCounter
-from experts.errors import EngineUnavailableError, ModelFormatError
-from experts.folders import load_folder, make_counter
-from experts.noise import NoiseKey, Stage
-from experts.smoothing import SmoothedClassifier
-from export.runtime import TorchHostNoise
+from dualrs_route.experts.engine import NoisyCounter, TorchCounter
+from dualrs_route.experts.errors import EngineUnavailableError, ModelFormatError
+from dualrs_route.experts.folders import load_folder
+from dualrs_route.export.engines import make_counter
+from dualrs_route.experts.noise import NoiseKey, Stage
+from dualrs_route.experts.smoothing import SmoothedClassifier
+from dualrs_route.export.runtime import TorchHostNoise
 
 from conftest import TINY_CLASSES, TINY_SHAPE
 
@@ -196,7 +197,7 @@ def test_bad_requests_are_rejected(counters):
 
 def test_onnx_only_expert_runs_without_torch(exported_folder, tmp_path):
     """An ONNX-only folder certifies in a process where importing torch fails."""
-    from export.onnx_export import export_onnx
+    from dualrs_route.export.onnx_export import export_onnx
 
     out = tmp_path / "onnx-only"
     export_onnx(str(exported_folder), out, validate=False)
@@ -208,8 +209,9 @@ class NoTorch:  # any 'import torch' now raises ImportError, as on a torch-free 
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, NoTorch())
 import numpy as np
-from experts.folders import load_folder, make_counter
-from experts.smoothing import SmoothedClassifier
+from dualrs_route.experts.folders import load_folder
+from dualrs_route.export.engines import make_counter
+from dualrs_route.experts.smoothing import SmoothedClassifier
 folder = load_folder({str(out)!r})
 counter = make_counter(folder)  # auto: no safetensors -> onnxruntime
 assert counter.engine == "onnxruntime" and counter.noise_source == "numpy", counter.describe()

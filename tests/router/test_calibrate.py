@@ -16,13 +16,14 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import norm
 
-from experts.errors import DataError, ModelFormatError
-from experts.folders import ModelConfig, load_folder, make_counter
-from experts.noise import NoiseKey, Stage
-from experts.stats import lower_confidence_bound
-from router.calibrate import (ExpertStage, RouterScores, bound_tables, fit_offsets, load_scores, routed_counts,
+from dualrs_route.experts.errors import DataError, ModelFormatError
+from dualrs_route.experts.folders import ModelConfig, load_folder
+from dualrs_route.export.engines import make_counter
+from dualrs_route.experts.noise import NoiseKey, Stage
+from dualrs_route.experts.stats import lower_confidence_bound
+from dualrs_route.router.calibrate import (ExpertStage, RouterScores, bound_tables, fit_offsets, load_scores, routed_counts,
                               simulate, write_calibrated_router)
-from router.cli import main
+from dualrs_route.cli import main
 from rs_oracle import write_linear_folder
 
 SHAPE = (1, 4, 4)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from router.cli import main
-from router.results import COHEN_COLUMNS, COLUMNS
+from dualrs_route.cli import main
+from dualrs_route.router.results import COHEN_COLUMNS, COLUMNS
 from rs_oracle import write_linear_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_certify_writes_cohen_columns_then_routing_columns_and_sidecar(cli_exper
         float(r[5])  # time in seconds
     meta = json.loads(sidecar(out).read_text())
     (model,) = meta["models"]
-    from experts.folders import sha256_file
+    from dualrs_route.experts.folders import sha256_file
 
     assert model["sha256"] == {"model.safetensors": sha256_file(folder / "model.safetensors")}
     assert model["revision"] == "local"
@@ -115,7 +115,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
             "--alpha", "0.001", "--seed", "2", "--quiet", "--batch", "400"]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "router.cli", *args, "--out", str(killed)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "dualrs_route", *args, "--out", str(killed)], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -447,8 +447,8 @@ def test_import_cohen_checkpoint_gives_same_logits(tmp_path):
     import torch
     from torch import nn
 
-    from experts.architectures import CifarResNet
-    from experts.folders import load_folder
+    from dualrs_route.experts.architectures import CifarResNet
+    from dualrs_route.experts.folders import load_folder
 
     class Normalize(nn.Module):  # like Cohen's: plain tensor attributes, no state-dict entries
         def __init__(self, means, sds):
@@ -511,7 +511,7 @@ def test_compile_is_recorded_and_a_resume_without_it_is_refused(cli_expert, tmp_
 
     torch.compile itself is replaced by the eager network here (a real compile takes tens of
     seconds; the slow test in tests/experts/test_noise_engine.py runs one)."""
-    from experts import engine
+    from dualrs_route.experts import engine
 
     built = []
 

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from experts.engine import TorchCounter
-from experts.errors import IncompatibleModelsError, ModelFormatError
-from experts.folders import load_folder
-from experts.noise import NoiseKey, Stage
-from experts.smoothing import SmoothedClassifier
-from router.dual import DualCertifier, check_expert_set, load_router_set, router_smoothed, split_alpha
+from dualrs_route.experts.engine import TorchCounter
+from dualrs_route.experts.errors import IncompatibleModelsError, ModelFormatError
+from dualrs_route.experts.folders import load_folder
+from dualrs_route.experts.noise import NoiseKey, Stage
+from dualrs_route.experts.smoothing import SmoothedClassifier
+from dualrs_route.router.dual import DualCertifier, check_expert_set, load_router_set, router_smoothed, split_alpha
 from rs_oracle import BinaryLinear, certify_outcomes, linear_model
 
 SHAPE = (1, 1, 4)
@@ -318,7 +318,7 @@ def test_router_set_loading_and_refusals(linear_folder, tmp_path):
     cfg["num_classes"] = 2
     (Path(wrong) / "config.json").write_text(json.dumps(cfg))
     r, _ = load_router_set(wrong)
-    from experts.folders import make_counter
+    from dualrs_route.export.engines import make_counter
 
     with pytest.raises(ModelFormatError, match="does not match the weights"):
         make_counter(r)

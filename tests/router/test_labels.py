@@ -10,12 +10,13 @@ from click.testing import CliRunner
 from scipy.stats import beta as beta_dist
 from scipy.stats import norm
 
-from experts.data import load_dataset
-from experts.errors import DataError, IncompatibleModelsError, ResumeMismatchError
-from experts.folders import load_folder, make_counter
-from experts.noise import NoiseKey, Stage
-from experts.stats import ABSTAIN
-from router.labels import (best_expert, compute_labels, label_radii_from_counts, load_labels, routable,
+from dualrs_route.experts.data import load_dataset
+from dualrs_route.experts.errors import DataError, IncompatibleModelsError, ResumeMismatchError
+from dualrs_route.experts.folders import load_folder
+from dualrs_route.export.engines import make_counter
+from dualrs_route.experts.noise import NoiseKey, Stage
+from dualrs_route.experts.stats import ABSTAIN
+from dualrs_route.router.labels import (best_expert, compute_labels, label_radii_from_counts, load_labels, routable,
                            select_label_indices)
 from rs_oracle import write_linear_folder
 
@@ -196,7 +197,7 @@ def test_labels_need_two_experts(tiny, tmp_path):
 
 
 def test_labels_cli(tiny, tmp_path):
-    from router.cli import main
+    from dualrs_route.cli import main
 
     experts, data = tiny
     out = tmp_path / "cli.npz"
@@ -219,8 +220,8 @@ def test_labels_cli(tiny, tmp_path):
 
 def test_labels_cli_compile_is_a_setting(tiny, tmp_path, monkeypatch):
     """`labels --compile` builds compiled torch counters and records it; resuming without it is refused."""
-    from experts import engine
-    from router.cli import main
+    from dualrs_route.experts import engine
+    from dualrs_route.cli import main
 
     built = []
 

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from experts.errors import DataError, ResumeMismatchError
-from router.results import (
+from dualrs_route.experts.errors import DataError, ResumeMismatchError
+from dualrs_route.router.results import (
     COLUMNS,
     ResultsWriter,
     analysis_report,

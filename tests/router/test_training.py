@@ -12,12 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from experts.data import load_dataset
-from experts.errors import DataError, IncompatibleModelsError
-from experts.folders import load_folder
-from router.dual import load_router_set
-from router.labels import compute_labels, load_labels, routable
-from router.training import (bottleneck_report, class_weights, consistency_loss, consistency_terms, lr_milestones,
+from dualrs_route.experts.data import load_dataset
+from dualrs_route.experts.errors import DataError, IncompatibleModelsError
+from dualrs_route.experts.folders import load_folder
+from dualrs_route.router.dual import load_router_set
+from dualrs_route.router.labels import compute_labels, load_labels, routable
+from dualrs_route.router.training import (bottleneck_report, class_weights, consistency_loss, consistency_terms, lr_milestones,
                              router_loss, routing_diagnostics, soft_cross_entropy, soft_labels, train_router)
 from rs_oracle import write_linear_folder
 
@@ -272,7 +272,7 @@ def test_train_router_refuses_all_zero_labels(tiny_labels):
 
 
 def test_train_router_and_report_cli(tiny_labels):
-    from router.cli import main
+    from dualrs_route.cli import main
 
     experts, labels, holdout, tmp = tiny_labels
     out = tmp / "cli-router"
@@ -303,7 +303,7 @@ def test_train_router_and_report_cli(tiny_labels):
 
 
 def test_merged_label_files_equal_one_file_of_the_same_images(tiny_labels):
-    from router.labels import merge_labels
+    from dualrs_route.router.labels import merge_labels
 
     experts, labels, _, tmp = tiny_labels
     folders = [load_folder(str(e)) for e in experts]
@@ -338,8 +338,8 @@ def test_merged_label_files_equal_one_file_of_the_same_images(tiny_labels):
 
 
 def _small_cnn_expert(path, channels, sigma=0.5, seed=0):
-    from experts.architectures import build_model
-    from experts.folders import ModelConfig, save_folder
+    from dualrs_route.experts.architectures import build_model
+    from dualrs_route.experts.folders import ModelConfig, save_folder
 
     torch.manual_seed(seed)
     args = {"channels": channels, "hidden": 8}
@@ -379,7 +379,7 @@ def test_train_router_init_copies_every_layer_but_the_last(tiny_labels):
 
 def test_confidence_head_router_starts_from_the_whole_expert(tiny_labels):
     """--arch confidence_head: the expert becomes base.* (fc included), only head.* is new."""
-    from experts.architectures import build_model
+    from dualrs_route.experts.architectures import build_model
 
     experts, labels, _, tmp = tiny_labels
     source = _small_cnn_expert(tmp / "cnn-expert", [4])
@@ -413,7 +413,7 @@ def test_train_router_on_a_missing_gpu_fails_before_writing(tiny_labels):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    from experts.errors import EngineUnavailableError
+    from dualrs_route.experts.errors import EngineUnavailableError
 
     experts, labels, _, tmp = tiny_labels
     with pytest.raises(EngineUnavailableError, match="no CUDA GPU"):

@@ -14,21 +14,11 @@ import sys
 
 import click
 
-from experts.folders import ENGINES
+from dualrs_route.export.engines import ENGINES
 
-from .labels import DEFAULT_ALPHA, DEFAULT_CHUNK, DEFAULT_N, DEFAULT_N0
+from .common import command_line as _command_line, positive_float as _positive_float
 
-
-def _command_line() -> str:
-    return "dualrs-route " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-def _positive_float(name: str, value: float | None, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise click.BadParameter(f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}",
-                                 param_hint=name)
+from dualrs_route.router.labels import DEFAULT_ALPHA, DEFAULT_CHUNK, DEFAULT_N, DEFAULT_N0
 
 
 @click.command("labels")
@@ -72,10 +62,10 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
     predictions [n, K], p_lower [n, K], the experts and the settings. The file is rewritten
     atomically after every chunk; re-running the same command resumes a killed run.
     """
-    from experts.data import load_dataset
-    from experts.folders import load_folder
+    from dualrs_route.experts.data import load_dataset
+    from dualrs_route.experts.folders import load_folder
 
-    from .labels import compute_labels, label_summary, select_label_indices
+    from dualrs_route.router.labels import compute_labels, label_summary, select_label_indices
 
     if max_images is not None and fraction is not None:
         raise click.UsageError("pass either --max or --fraction, not both")
@@ -148,7 +138,7 @@ def train_router_command(labels_files, experts, arch, arch_args, init, sigma_e, 
     lambda * KL(mean || copy) + eta * H(mean) over two Gaussian copies at sigma_e; AdamW.
     Checkpoints every epoch to OUT/checkpoint.pt; re-running the same command resumes.
     """
-    from .training import train_router
+    from dualrs_route.router.training import train_router
 
     _positive_float("--sigma-e", sigma_e)
     _positive_float("--lr", lr)
@@ -192,8 +182,8 @@ def router_report_command(router, holdout, results, n, data, seed, fmt, device):
     With --router and --holdout: routing accuracy against the best expert and quantiles/ECDF of dR
     at the labels' budget. With --results: the share of examples where R_sigma < R_c.
     """
-    from .labels import load_labels
-    from .training import bottleneck_report, format_report, routing_report_for_folder
+    from dualrs_route.router.labels import load_labels
+    from dualrs_route.router.training import bottleneck_report, format_report, routing_report_for_folder
 
     if (router is None) != (holdout is None):
         raise click.UsageError("--router and --holdout go together")

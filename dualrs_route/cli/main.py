@@ -1,12 +1,9 @@
-"""``dualrs-route``: certify, predict and analyze with Dual RS routers and expert RS classifiers.
-
-A thin layer over the library: every library error becomes a one-line message and
-exit code 1; bad option values exit with code 2.
-"""
+"""The ``dualrs-route`` group and its inference commands: certify, predict, analyze, list, import-cohen,
+train-expert. The other commands live beside it (training, calibrate, export) and are added in
+:mod:`dualrs_route.cli`."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shlex
@@ -17,41 +14,14 @@ from pathlib import Path
 
 import click
 
-from experts.errors import DualRSError
-from experts.folders import ENGINES
+from dualrs_route.export.engines import ENGINES
+
+from .common import Group, command_line, progress, radii_option
 
 DEFAULT_ROUTER = "builtin:digits-router"
 
 
-def _fail(exc: Exception):
-    raise click.ClickException(" ".join(str(exc).split("\n")[0].split()) if not isinstance(exc, DualRSError)
-                               else str(exc)) from None
-
-
-class _Group(click.Group):
-    """Turns library errors into clean messages (no tracebacks) for every sub-command."""
-
-    def invoke(self, ctx):
-        if os.environ.get("DUALRS_ROUTE_DEBUG"):  # full tracebacks, for bug reports
-            return super().invoke(ctx)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("default")
-                warnings.showwarning = _show_warning
-                return super().invoke(ctx)
-        except DualRSError as exc:
-            _fail(exc)
-        except ValueError as exc:  # option values rejected by library checks
-            raise click.UsageError(str(exc)) from None
-        except FileExistsError as exc:
-            _fail(exc)
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"warning: {message}", err=True)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="dualrs-route", message="%(prog)s %(version)s")
 def main():
     """Certified-robust inference with Dual Randomized Smoothing.
@@ -59,36 +29,6 @@ def main():
     A smoothed router picks one expert RS classifier per input; the expert is certified with
     standard RS; the final radius is min(R_router, R_expert) at confidence 1 - (alpha + beta).
     """
-
-
-def _radii(value: str) -> tuple[float, ...]:
-    try:
-        radii = tuple(float(v) for v in value.replace(" ", ",").split(",") if v)
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-    if not radii or any(r < 0 for r in radii):
-        raise click.BadParameter("radii must be >= 0")
-    return radii
-
-
-def _progress(label: str, quiet: bool):
-    if quiet:
-        return None
-
-    def wrap(items, length):
-        bar = click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True)
-        return _BarIterator(bar)
-
-    return wrap
-
-
-class _BarIterator:
-    def __init__(self, bar):
-        self.bar = bar
-
-    def __iter__(self):
-        with self.bar as items:
-            yield from items
 
 
 def _model_options(f):
@@ -136,10 +76,10 @@ def _model_options(f):
 
 def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_index, n0, n, alpha, alpha_router,
          router_n0, router_n, batch, seed, device, engine, precision, threads, compile_, sigma, out, fmt, quiet):
-    from experts.data import load_dataset
+    from dualrs_route.experts.data import load_dataset
 
-    from .results import read_results, summarize, format_markdown
-    from .run import execute, plan_run
+    from dualrs_route.router.results import read_results, summarize, format_markdown
+    from dualrs_route.router.run import execute, plan_run
 
     if sigma is not None and sigma <= 0:
         raise click.BadParameter(f"must be > 0, got {sigma}", param_hint="--sigma")
@@ -165,13 +105,13 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
     for note in plan.notes:
         click.echo(f"warning: {note}", err=True)
     ds = load_dataset(dataset, split=split, data=data)
-    command = "dualrs-route " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(out) if out else Path(tmp) / "results.tsv"
         if out and Path(out).is_dir():
             raise click.BadParameter(f"{out} is a folder; give a file name", param_hint="--out")
         execute(plan, ds, skip=skip, max_index=max_index, out_path=path, data=data, command=command, task=task,
-                progress=_progress(task, quiet))
+                progress=progress(task, quiet))
         if task == "certify":
             table = read_results(path)
             table.name = Path(out).name if out else plan.mode
@@ -225,7 +165,7 @@ def predict(**options):
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--radii", default="0,0.25,0.5,0.75,1.0,1.25,1.5", show_default=True, callback=lambda c, p, v: _radii(v),
+@click.option("--radii", default="0,0.25,0.5,0.75,1.0,1.25,1.5", show_default=True, callback=radii_option,
               help="Comma-separated radii.")
 @click.option("--oracle/--no-oracle", default=None,
               help="Add the best-expert-per-example row (default: when two or more single-expert files are given).")
@@ -238,7 +178,7 @@ def analyze(files, radii, oracle, fmt):
     radius) and the oracle (best expert per example), and for router files the share of
     the oracle's gain over the envelope that the router captures.
     """
-    from .results import analysis_report
+    from dualrs_route.router.results import analysis_report
 
     report = analysis_report(list(files), radii, oracle=oracle)
     click.echo(json.dumps(report, indent=2) if fmt == "json" else report["markdown"])
@@ -252,7 +192,7 @@ def experts_group():
 @experts_group.command("list")
 def experts_list():
     """List the built-in demo models (use them as builtin:NAME)."""
-    from experts.folders import builtin_names, load_folder
+    from dualrs_route.experts.folders import builtin_names, load_folder
 
     for name in builtin_names():
         cfg = load_folder("builtin:" + name).config
@@ -271,7 +211,7 @@ def import_cohen(checkpoint, out_dir, sigma, dataset, arch, force):
 
     The pickle is loaded with torch.load(weights_only=True): no code from it runs.
     """
-    from experts.cohen import import_cohen_checkpoint
+    from dualrs_route.experts.cohen import import_cohen_checkpoint
 
     if sigma <= 0:
         raise click.BadParameter(f"must be > 0, got {sigma}", param_hint="--sigma")
@@ -314,7 +254,7 @@ def train_expert(dataset, data, sigma, arch, arch_args, epochs, batch, lr, weigh
     Shin's consistency regularisation over --copies noisy copies. Checkpoints every epoch to
     OUT/checkpoint.pt; re-running the same command resumes.
     """
-    from experts.training import train_expert as run_training
+    from dualrs_route.experts.training import train_expert as run_training
 
     if sigma <= 0:
         raise click.BadParameter(f"must be > 0, got {sigma}", param_hint="--sigma")
@@ -322,28 +262,9 @@ def train_expert(dataset, data, sigma, arch, arch_args, epochs, batch, lr, weigh
         parsed_args = json.loads(arch_args)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--arch-args") from None
-    command = "dualrs-route " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     path = run_training(dataset=dataset, data=data, sigma=sigma, arch=arch, arch_args=parsed_args, epochs=epochs,
                         batch=batch, lr=lr, weight_decay=weight_decay, fraction=fraction, seed=seed, threads=threads,
                         precision=precision, consistency=consistency, eta=eta, copies=copies,
                         out=out, overwrite=force, command=command, log=None if quiet else click.echo)
     click.echo(f"wrote {path}")
-
-
-# Commands that live in other modules: (module, attribute).
-_PLUGIN_COMMANDS: list[tuple[str, str]] = [
-    ("router.training_cli", "labels_command"),
-    ("router.training_cli", "train_router_command"),
-    ("router.training_cli", "router_report_command"),
-    ("router.calibrate_cli", "router_scores_command"),
-    ("router.calibrate_cli", "calibrate_router_command"),
-    ("router.calibrate_cli", "compose_command"),
-    ("export.cli", "export_command"),
-    ("export.cli", "bench_command"),
-]
-for _module, _attr in _PLUGIN_COMMANDS:
-    main.add_command(getattr(importlib.import_module(_module), _attr))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from experts.errors import DualRSError
-from experts.noise import NoiseKey, Stage
+from dualrs_route.experts.errors import DualRSError
+from dualrs_route.experts.noise import NoiseKey, Stage
 
 VALID_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "torch-compile": ("fp32", "bf16", "fp16"),
                     "onnxruntime": ("fp32", "int8", "fp16"), "tensorrt": ("fp32", "fp16")}
@@ -68,7 +68,7 @@ def round_robin(tasks: dict[str, Callable[[], object]], *, warmup: int = 1, repe
 _NUMPY_PEAK = """
 import json, sys
 import numpy as np
-from export.bench import _time_products
+from dualrs_route.router.bench import _time_products
 size, seconds = int(sys.argv[1]), float(sys.argv[2])
 rng = np.random.default_rng(0)
 a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
@@ -132,7 +132,7 @@ def matmul_peak(*, size: int | None = None, seconds: float = 3.0, threads: int |
             torch.set_num_threads(int(threads))
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         if cuda:
-            from experts.engine import resolve_device
+            from dualrs_route.experts.engine import resolve_device
 
             dev = resolve_device(device)
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -243,14 +243,15 @@ def run_bench(reference: str, *, engines: Sequence[str] = ("torch", "onnxruntime
     ``image``: float32 [C, H, W] in [0, 1]; default a seeded uniform random image.
     Returns a JSON-serialisable dict.
     """
-    from experts.folders import load_folder, make_counter
-    from experts.smoothing import SmoothedClassifier
+    from dualrs_route.experts.folders import load_folder
+    from dualrs_route.export.engines import make_counter
+    from dualrs_route.experts.smoothing import SmoothedClassifier
 
     say = log or (lambda message: None)
     folder = load_folder(reference)
     is_router = folder.config.kind == "router"
     if is_router:
-        from router.dual import DualCertifier, load_router_set, router_smoothed
+        from dualrs_route.router.dual import DualCertifier, load_router_set, router_smoothed
 
         router_folder, expert_folders = load_router_set(reference)
         models = [("router", router_folder)] + [("expert", f) for f in expert_folders]
@@ -350,7 +351,7 @@ def _count_flops(folder) -> int | None:
     if not folder.has_torch_weights:
         return None
     try:
-        from experts.architectures import count_flops
+        from dualrs_route.experts.architectures import count_flops
     except ImportError:
         return None
     return count_flops(folder.load_torch_model(), folder.config.input_shape)

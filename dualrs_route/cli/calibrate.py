@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from experts.folders import ENGINES
+from dualrs_route.export.engines import ENGINES
 
-from .training_cli import _command_line
+from .common import command_line as _command_line, progress
 
 
 @click.command("router-scores")
@@ -47,11 +47,11 @@ def router_scores_command(router, dataset, data, split, skip, max_index, n0, n, 
     experts x 4 bytes (500 images at N = 10,000 with 3 experts: 61 MB), assembled in memory at
     the end.
     """
-    from experts.data import check_images, load_dataset, select_indices
-    from experts.folders import load_folder, make_counter
+    from dualrs_route.experts.data import check_images, load_dataset, select_indices
+    from dualrs_route.experts.folders import load_folder
+    from dualrs_route.export.engines import make_counter
 
-    from .calibrate import collect_scores
-    from .cli import _progress
+    from dualrs_route.router.calibrate import collect_scores
 
     if threads:
         import torch
@@ -68,7 +68,7 @@ def router_scores_command(router, dataset, data, split, skip, max_index, n0, n, 
                 "engine": {k: engine_info.get(k) for k in ("engine", "precision", "noise")}}
     collect_scores(counter, ds.batch, [int(ds.labels[i]) for i in indices], indices, sigma=folder.config.sigma,
                    n0=n0, n=n, seed=seed, out=out, settings=settings, chunk=chunk,
-                   progress=_progress("router scores", quiet))
+                   progress=progress("router scores", quiet))
     click.echo(f"router scores: {out} ({len(indices)} images, N0 = {n0}, N = {n}, sigma_e = {folder.config.sigma})",
                err=True)
 
@@ -84,9 +84,9 @@ def _grid_option(value: str) -> tuple[float, float, float]:
 
 
 def _load_stages(router, scores_path, expert_results):
-    from router.dual import load_router_set
+    from dualrs_route.router.dual import load_router_set
 
-    from .calibrate import check_expert_order, check_scores_router, load_expert_stage, load_scores
+    from dualrs_route.router.calibrate import check_expert_order, check_scores_router, load_expert_stage, load_scores
 
     folder, experts = load_router_set(router)
     scores = load_scores(scores_path)
@@ -103,7 +103,7 @@ def _load_stages(router, scores_path, expert_results):
 def _summary_line(name: str, result: dict, num_experts: int, radii=(0.0, 0.5, 1.0)) -> str:
     import numpy as np
 
-    from .calibrate import acr
+    from dualrs_route.router.calibrate import acr
 
     good = result["correct"] == 1
     accs = " ".join(f"r={r:g}: {100 * np.mean(good & (result['radius'] >= r)):.1f}%" for r in radii)
@@ -152,10 +152,9 @@ def calibrate_router_command(router, scores_path, expert_results, alpha, alpha_r
 
     import numpy as np
 
-    from router.dual import split_alpha
+    from dualrs_route.router.dual import split_alpha
 
-    from .calibrate import acr, fit_offsets, simulate, write_calibrated_router
-    from .cli import _progress
+    from dualrs_route.router.calibrate import acr, fit_offsets, simulate, write_calibrated_router
 
     grid_values = _grid_option(grid)
     folder, experts, scores, stages = _load_stages(router, scores_path, expert_results)
@@ -165,7 +164,7 @@ def calibrate_router_command(router, scores_path, expert_results, alpha, alpha_r
     a, beta = split_alpha(alpha, alpha_router)
     started = time.time()
     offsets, ranked = fit_offsets(scores, stages, alpha=a, beta=beta, grid=grid_values,
-                                  progress=_progress("offsets", quiet))
+                                  progress=progress("offsets", quiet))
     zero = simulate(scores, stages, np.zeros(len(stages)), alpha=a, beta=beta)
     best = simulate(scores, stages, offsets, alpha=a, beta=beta)
     halves = {}
@@ -215,9 +214,9 @@ def compose_command(router, scores_path, expert_results, alpha, alpha_router, ou
     """
     import numpy as np
 
-    from router.dual import split_alpha
+    from dualrs_route.router.dual import split_alpha
 
-    from .calibrate import simulate, write_composed_results
+    from dualrs_route.router.calibrate import simulate, write_composed_results
 
     folder, experts, scores, stages = _load_stages(router, scores_path, expert_results)
     a, beta = split_alpha(alpha, alpha_router)

@@ -42,7 +42,7 @@ def _calibration_images(dataset: str | None, data: str | None, limit: int, seed:
         return None
     import numpy as np
 
-    from experts.data import load_dataset
+    from dualrs_route.experts.data import load_dataset
 
     ds = load_dataset(dataset, split="train", data=data)
     if tuple(ds.input_shape) != tuple(input_shape):
@@ -82,9 +82,9 @@ def export_command(reference, target, out, copy_weights, opset, no_validate, fp1
     dynamic batch) and returns `logits`. It is checked against torch at batch sizes 1, 7 and
     64 before model.onnx is written. A router's experts are separate folders: export each.
     """
-    from experts.folders import ONNX_FILE, load_folder
+    from dualrs_route.experts.folders import ONNX_FILE, load_folder
 
-    from .onnx_export import export_onnx
+    from dualrs_route.export.onnx_export import export_onnx
 
     if fp16 and target != "tensorrt":
         raise click.BadParameter("--fp16 applies to --to tensorrt (for ONNX Runtime on the CPU use --to int8)",
@@ -99,7 +99,7 @@ def export_command(reference, target, out, copy_weights, opset, no_validate, fp1
                                 copy_weights=copy_weights)
         click.echo(f"wrote {onnx_path}" + ("" if no_validate else " (validated against torch)"))
     if target == "int8":
-        from .quantize import quantize_int8
+        from dualrs_route.export.quantize import quantize_int8
 
         if images is None:
             click.echo("warning: calibrating int8 on synthetic images; pass --calibration-dataset for real ones",
@@ -107,7 +107,7 @@ def export_command(reference, target, out, copy_weights, opset, no_validate, fp1
         path = quantize_int8(onnx_path.parent, images=images, samples=calibration_samples, seed=seed)
         click.echo(f"wrote {path} (static QDQ int8, calibrated at sigma={folder.config.sigma})")
     elif target == "tensorrt":
-        from .tensorrt_engine import build_engine, engine_path
+        from dualrs_route.export.tensorrt_engine import build_engine, engine_path
 
         precision = "fp16" if fp16 else "fp32"
         index = int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0
@@ -150,7 +150,7 @@ def bench_command(reference, engines, precisions, batches, samples, n0, n, repea
     router, the dual-certification overhead over its routed expert alone. Medians over
     --repeats after --warmup, engines measured round-robin.
     """
-    from .bench import format_table, run_bench
+    from dualrs_route.router.bench import format_table, run_bench
 
     result = run_bench(reference, engines=engines, precisions=precisions, batch_sizes=batches, samples=samples,
                        n0=n0, n=n, repeats=repeats, warmup=warmup, threads=threads, device=device,

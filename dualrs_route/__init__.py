@@ -1,0 +1,1 @@
+"""dualrs-route: certified-robust inference with Dual Randomized Smoothing."""
