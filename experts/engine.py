@@ -31,6 +31,7 @@ class NoisyCounter(Protocol):
     input_shape: tuple[int, ...]
     engine: str
     precision: str
+    logit_offsets: np.ndarray | None
 
     def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey) -> np.ndarray:
         """int64 [num_classes]: class counts of f(x + sigma * eps_s), s < n, eps from stream ``key``."""
@@ -39,6 +40,18 @@ class NoisyCounter(Protocol):
         self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]
     ) -> np.ndarray:
         """int64 [len(xs), num_classes]: :meth:`counts` for each image, packed into shared batches."""
+
+    def logits_many(
+        self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]
+    ) -> np.ndarray:
+        """float32 [len(xs), n, num_classes]: the logits behind :meth:`counts_many`, sample by sample
+        (same noise streams: their argmax gives exactly its counts)."""
+
+    def set_logit_offsets(self, offsets) -> None:
+        """Add fixed per-class offsets to every logit vector before the argmax (None removes them)."""
+
+    def describe(self) -> dict:
+        """What run metadata records about this engine: at least ``engine`` and ``precision``."""
 
 
 def validate_request(counter, xs: np.ndarray, sigma: float, n: int, keys) -> np.ndarray:
@@ -159,6 +172,11 @@ class TorchCounter:
     fp32 on a CUDA device, where NCHW measured faster. On CUDA, fp32 runs with TF32 off
     (process-wide torch flags) and ``describe()`` records ``"tf32": False``.
 
+    ``forward`` replaces the module: a callable from a float32 device batch [b, *input_shape]
+    (b <= ``batch_size``) to logits [b, num_classes]. Other runtimes that take torch device
+    tensors (TensorRT) plug in here and share the noise, packing and counting loop; ``engine``
+    names them in the metadata and ``precision`` is then what the forward function runs in.
+
     ``compile=True`` runs the network through ``torch.compile`` (inductor, weights frozen
     as constants, one static batch shape: partial batches are padded to ``batch_size``
     and the padding rows' predictions dropped). The first forward pass compiles (tens of
@@ -171,7 +189,7 @@ class TorchCounter:
 
     def __init__(
         self,
-        model,
+        model=None,
         *,
         num_classes: int,
         input_shape: Sequence[int],
@@ -180,9 +198,29 @@ class TorchCounter:
         precision: str = "fp32",
         channels_last: bool | None = None,
         compile: bool = False,
+        forward=None,
+        engine: str = "torch",
     ):
         import torch
 
+        if (model is None) == (forward is None):
+            raise ValueError("TorchCounter needs exactly one of a torch module or a forward function")
+        self.engine = engine
+        if forward is not None:
+            self.device = resolve_device(device)
+            self.num_classes = check_count(num_classes, "num_classes")
+            self.input_shape = tuple(int(d) for d in input_shape)
+            self.batch_size = check_count(batch_size, "batch_size")
+            self.precision = precision
+            self.dtype = torch.float32  # the forward function takes float32 and owns its precision
+            self.channels_last = False
+            self.model = None
+            self.tf32 = getattr(forward, "tf32", None)
+            self.compiled = False
+            self._forward = forward
+            self._generator = torch.Generator(device=self.device)
+            self.logit_offsets = None
+            return
         if precision not in PRECISIONS:
             hint = (" (int8 runs on --engine onnxruntime from a static-QDQ model.int8.onnx: "
                     "`dualrs-route export REF --to int8`)") if precision == "int8" else ""
@@ -239,6 +277,8 @@ class TorchCounter:
         """Logits of a float32 batch already on the device, in the engine's precision."""
         import torch
 
+        if self.model is None:
+            return self._forward(batch)
         if not self.compiled:
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)

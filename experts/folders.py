@@ -142,6 +142,19 @@ class ModelConfig:
         out.update(self.extra)
         return out
 
+    # Fields that change what the model computes (or, for a router, which experts it routes to).
+    # Names, class names and training records are documentation and may change freely.
+    COMPUTATIONAL_FIELDS = ("kind", "sigma", "num_classes", "input_shape", "mean", "std", "architecture",
+                            "architecture_args", "experts", "logit_offsets")
+
+    def computational_sha256(self) -> str:
+        """sha256 of the canonical JSON (sorted keys, no whitespace) of :attr:`COMPUTATIONAL_FIELDS`:
+        equal exactly when two configs make the same network compute the same certificates."""
+        data = self.to_dict()
+        picked = {key: data.get(key) for key in self.COMPUTATIONAL_FIELDS}
+        text = json.dumps(picked, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -253,11 +266,29 @@ class ModelFolder:
     def has_onnx(self) -> bool:
         return ONNX_FILE in self.files
 
+    def network_file(self, engine: str, precision: str = "fp32") -> str:
+        """The file that runs on ``engine`` (torch, onnxruntime, tensorrt) at ``precision``."""
+        if engine == "torch":
+            return SAFETENSORS_FILE
+        if engine == "onnxruntime" and precision == "int8":
+            return INT8_ONNX_FILE
+        return ONNX_FILE
+
+    def fingerprint(self, engine: str, precision: str = "fp32") -> dict:
+        """What identifies the computation for resume checks: the sha256 of the one network file
+        that runs (other files in the folder, e.g. a later ONNX export, do not matter) and the
+        canonical hash of the config's computational fields."""
+        name = self.network_file(engine, precision)
+        digest = self.files.get(name)
+        if digest is None:  # make_counter refuses this first; recomputed only for a file created since loading
+            digest = sha256_file(self.path / name) if (self.path / name).is_file() else None
+        return {"sha256": {name: digest}, "config_sha256": self.config.computational_sha256()}
+
     def provenance(self) -> dict:
         """What the run metadata records about this model."""
         return {"reference": self.reference, "name": self.name, "kind": self.config.kind,
                 "sigma": self.config.sigma, "revision": self.revision, "path": str(self.path),
-                "sha256": dict(self.files)}
+                "sha256": dict(self.files), "config_sha256": self.config.computational_sha256()}
 
     def load_torch_model(self):
         """Build the registered architecture and load ``model.safetensors`` with strict=True."""

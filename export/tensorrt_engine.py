@@ -8,7 +8,7 @@ marked ``gpu`` and skip without TensorRT and a CUDA GPU.
   an engine with one dynamic-batch optimisation profile (1 .. ``max_batch``, tuned for
   ``max_batch``), optionally with fp16 kernels. Engines are specific to the GPU and the
   TensorRT version, so a JSON sidecar records both and a mismatch triggers a rebuild.
-* :class:`TensorRTCounter` reuses the torch engine's device-side loop (keyed noise
+* :func:`tensorrt_counter` plugs :class:`TensorRTForward` into the torch engine's device-side loop (keyed noise
   blocks from a CUDA ``torch.Generator``, packing, ``bincount`` on the device) and
   replaces only the forward pass by the TensorRT engine, with input and output bound
   to torch CUDA buffers. Its noise is the torch-CUDA stream, so its counts match
@@ -119,38 +119,20 @@ def engine_is_current(path: Path, onnx_path: Path, *, precision: str, max_batch:
             and int(meta.get("max_batch", 0)) >= max_batch)
 
 
-class TensorRTCounter(TorchCounter):
-    """:class:`~experts.engine.NoisyCounter` whose forward pass is a TensorRT engine (I/O in torch CUDA tensors).
-
-    Noise, packing and counting are :class:`~experts.engine.TorchCounter`'s, on the GPU;
-    only :meth:`logits` differs. ``engine_file`` must have been built for this GPU with
-    a batch profile covering ``batch_size``.
+class TensorRTForward:
+    """The forward function of a TensorRT engine, for :class:`~dualrs_route.experts.engine.TorchCounter`'s
+    shared batch loop: float32 CUDA batch [b, *input_shape] (b <= ``batch_size``) to float32 CUDA logits
+    [b, num_classes]. ``engine_file`` must have been built for this GPU with a batch profile covering
+    ``batch_size``. fp16 (when built so) is internal to the engine's kernels; its I/O is float32.
     """
 
-    engine = "tensorrt"
+    tf32 = False  # build_engine clears TensorRT's TF32 flag
 
-    def __init__(self, engine_file: str | os.PathLike, *, num_classes: int, input_shape: Sequence[int],
-                 device: str = "cuda", batch_size: int = 400, precision: str = "fp32"):
+    def __init__(self, engine_file: str | os.PathLike, *, num_classes: int, device, batch_size: int = 400):
         trt = import_tensorrt()
         import torch
 
-        if precision not in TRT_PRECISIONS:
-            raise EngineUnavailableError(f"TensorRT precision must be one of {TRT_PRECISIONS}, got {precision!r} "
-                                         "(int8 runs on --engine onnxruntime)")
-        self.device = resolve_device(device)
-        if self.device.type != "cuda":
-            raise EngineUnavailableError(f"--engine tensorrt runs on a CUDA GPU; got --device {device}")
-        self.num_classes = int(num_classes)
-        self.input_shape = tuple(int(d) for d in input_shape)
-        self.batch_size = int(batch_size)
-        self.precision = precision
-        self.dtype = torch.float32  # the engine's I/O is float32; fp16 is internal to its kernels
-        self.channels_last = False
-        self.compiled = False
-        self.tf32 = False  # build_engine clears TensorRT's TF32 flag
-        self.model = None
-        self._generator = torch.Generator(device=self.device)
-        self.logit_offsets = None
+        self.device = device
         self.engine_file = Path(engine_file)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -160,11 +142,10 @@ class TensorRTCounter(TorchCounter):
                 raise ModelFormatError(f"{self.engine_file} is not a TensorRT engine for this GPU/TensorRT version; "
                                        "delete it to rebuild")
             self._context = self._engine.create_execution_context()
-            self._out = torch.empty((self.batch_size, self.num_classes), dtype=torch.float32, device=self.device)
+            self._out = torch.empty((int(batch_size), int(num_classes)), dtype=torch.float32, device=self.device)
             self._stream = torch.cuda.Stream(device=self.device)
 
-    def logits(self, batch):
-        """float32 [b, num_classes] CUDA tensor for a float32 CUDA batch [b, *input_shape], b <= batch_size."""
+    def __call__(self, batch):
         import torch
 
         batch = batch.contiguous()
@@ -181,9 +162,26 @@ class TensorRTCounter(TorchCounter):
         return out
 
 
+def tensorrt_counter(engine_file: str | os.PathLike, *, num_classes: int, input_shape: Sequence[int],
+                     device: str = "cuda", batch_size: int = 400, precision: str = "fp32") -> TorchCounter:
+    """A :class:`~dualrs_route.experts.engine.NoisyCounter` whose forward pass is the TensorRT engine
+    ``engine_file``; noise, packing and counting are the torch engine's, on the GPU."""
+    if precision not in TRT_PRECISIONS:
+        raise EngineUnavailableError(f"TensorRT precision must be one of {TRT_PRECISIONS}, got {precision!r} "
+                                     "(int8 runs on --engine onnxruntime)")
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        raise EngineUnavailableError(f"--engine tensorrt runs on a CUDA GPU; got --device {device}")
+    forward = TensorRTForward(engine_file, num_classes=num_classes, device=dev, batch_size=batch_size)
+    counter = TorchCounter(forward=forward, engine="tensorrt", num_classes=num_classes, input_shape=input_shape,
+                           device=device, batch_size=batch_size, precision=precision)
+    counter.engine_file = Path(engine_file)
+    return counter
+
+
 def make_tensorrt_counter(folder, *, device: str = "cuda", batch_size: int = 400, precision: str = "fp32",
-                          rebuild: bool = False, **options) -> TensorRTCounter:
-    """A :class:`TensorRTCounter` for ``folder``, building its engine from ``model.onnx`` when missing or stale."""
+                          rebuild: bool = False, **options) -> TorchCounter:
+    """A TensorRT counter (:func:`tensorrt_counter`) for ``folder``, building its engine from ``model.onnx`` when missing or stale."""
     if options:
         raise ValueError(f"unknown TensorRT option(s) {sorted(options)}; known: rebuild")
     import_tensorrt()
@@ -201,5 +199,5 @@ def make_tensorrt_counter(folder, *, device: str = "cuda", batch_size: int = 400
     if rebuild or not engine_is_current(path, onnx_path, precision=precision, max_batch=batch_size, device_index=index):
         build_engine(onnx_path, path, input_shape=folder.config.input_shape, max_batch=batch_size,
                      fp16=precision == "fp16", device_index=index)
-    return TensorRTCounter(path, num_classes=folder.config.num_classes, input_shape=folder.config.input_shape,
+    return tensorrt_counter(path, num_classes=folder.config.num_classes, input_shape=folder.config.input_shape,
                            device=device, batch_size=batch_size, precision=precision)

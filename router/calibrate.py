@@ -54,15 +54,12 @@ def collect_scores(counter, images_of: Callable[[Sequence[int]], np.ndarray], la
                    settings: dict, chunk: int = 10, progress: Callable | None = None) -> Path:
     """Write the router's raw logits on its selection and estimation samples to ``out`` (.npz).
 
-    ``counter`` must offer ``logits_many`` (torch and ONNX Runtime engines) and must not add
-    logit offsets. Image ``indices[i]`` uses the noise streams (seed, index, ROUTER_SELECT /
+    ``counter`` is any :class:`~dualrs_route.experts.engine.NoisyCounter` built without logit
+    offsets (``raw_logits=True``). Image ``indices[i]`` uses the noise streams (seed, index, ROUTER_SELECT /
     ROUTER_ESTIMATE) of dual CERTIFY. Work is saved every ``chunk`` images in ``out``.parts/,
     and a re-run with the same ``settings`` resumes there; the final file is written atomically.
     """
-    if not hasattr(counter, "logits_many"):
-        raise DataError(f"engine {getattr(counter, 'engine', '?')} cannot return logits; use --engine torch or "
-                        "onnxruntime")
-    if getattr(counter, "logit_offsets", None) is not None:
+    if counter.logit_offsets is not None:
         raise DataError("router scores are the network's raw logits: build the counter with raw_logits=True")
     out = Path(out)
     if out.exists():

@@ -52,9 +52,15 @@ class RunPlan:
     threads: int | None = None
     compile: bool = False
 
-    def settings(self, dataset: Dataset, data: str | None, indices_desc: dict, command: str) -> dict:
-        """What must match for a resumed run (batch size and threads deliberately excluded)."""
-        models = [f.provenance() for f in ([self.router] if self.router else []) + self.experts]
+    def settings(self, dataset: Dataset, data: str | None, indices_desc: dict, command: str,
+                 engines: Sequence[dict]) -> dict:
+        """What must match for a resumed run (batch size and threads deliberately excluded).
+
+        Each model is identified by the hash of the network file that runs on its engine
+        (``engines[i]``, router first) and the canonical hash of its config's computational fields."""
+        folders = ([self.router] if self.router else []) + self.experts
+        models = [{"reference": f.reference, "revision": f.revision,
+                   **f.fingerprint(e["engine"], e.get("precision", "fp32"))} for f, e in zip(folders, engines)]
         return {
             "command": command, "mode": self.mode, "dataset": dataset.name, "data": data, "split": dataset.split,
             **indices_desc, "N0": self.n0, "N": self.n, "alpha_expert": self.alpha,
@@ -63,7 +69,7 @@ class RunPlan:
             "router_N": self.router_n if self.mode == "router" else None,
             "seed": self.seed, "engine": self.engine, "precision": self.precision,
             "device_type": self.device.split(":")[0], "sigma_override": self.sigma_override,
-            "models": [{"reference": m["reference"], "sha256": m["sha256"], "revision": m["revision"]} for m in models],
+            "models": models,
         }
 
 
@@ -151,8 +157,7 @@ class Runner:
         if plan.router is not None:
             self.dual = DualCertifier(build_smoothed(plan.router, router=True, **options), self.experts)
         counters = ([self.dual.router.counter] if self.dual else []) + [e.counter for e in self.experts]
-        self.engines = [c.describe() if hasattr(c, "describe") else {"engine": c.engine, "precision": c.precision}
-                        for c in counters]
+        self.engines = [c.describe() for c in counters]
 
     def expert_label(self, k: int) -> str:
         return "-1:-" if k == ABSTAIN else f"{k}:{self.plan.experts[k].name}"
@@ -214,7 +219,7 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
         raise DualRSError(f"example {bad_labels[0]} has label {dataset.labels[bad_labels[0]]}, outside the experts' "
                           f"{plan.experts[0].config.num_classes} classes")
     runner = Runner(plan)  # loads weights: corrupt or mismatched files fail here, before any output
-    settings = plan.settings(dataset, data, {"skip": skip, "max": max_index}, task)
+    settings = plan.settings(dataset, data, {"skip": skip, "max": max_index}, task, runner.engines)
     # The engine, precision and noise source change results; timing options (prefetch, I/O binding) do not.
     # torch.compile runs other kernels than eager torch (like a precision change), so it counts too.
     # (recorded only when on, so results of earlier versions still resume)

@@ -62,8 +62,8 @@ def router_scores_command(router, dataset, data, split, skip, max_index, n0, n, 
     indices = select_indices(len(ds), skip, max_index)
     check_images(ds, indices, folder.config.input_shape)
     counter = make_counter(folder, engine=engine, device=device, batch_size=batch, threads=threads, raw_logits=True)
-    engine_info = counter.describe() if hasattr(counter, "describe") else {"engine": counter.engine}
-    settings = {"router": folder.provenance()["sha256"], "router_reference": router, "dataset": dataset,
+    engine_info = counter.describe()
+    settings = {"router": folder.fingerprint(engine_info["engine"], engine_info.get("precision", "fp32"))["sha256"],
                 "split": split, "data": data, "skip": skip, "max": max_index,
                 "engine": {k: engine_info.get(k) for k in ("engine", "precision", "noise")}}
     collect_scores(counter, ds.batch, [int(ds.labels[i]) for i in indices], indices, sigma=folder.config.sigma,

@@ -184,6 +184,49 @@ def test_resume_refuses_changed_model(cli_expert, tmp_path):
     assert result.exit_code == 1 and "sha256" in result.output
 
 
+def test_resume_still_works_after_an_onnx_export_of_the_folder(cli_expert, tmp_path):
+    """Only the network file that runs is hashed: exporting model.onnx beside model.safetensors
+    does not change a torch run's identity."""
+    pytest.importorskip("onnx")
+    folder, data, _, _ = cli_expert
+    out, full = tmp_path / "r.tsv", tmp_path / "full.tsv"
+    assert invoke(*certify_args(folder, data, out, "--max", 5)).exit_code == 0
+    assert invoke("export", folder, "--to", "onnx").exit_code == 0
+    assert (Path(folder) / "model.onnx").is_file()
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]))  # header + 2 rows: the resume must certify the other 3
+    result = invoke(*certify_args(folder, data, out, "--max", 5))
+    assert result.exit_code == 0, result.output
+    assert invoke(*certify_args(folder, data, full, "--max", 5)).exit_code == 0
+    assert without_time(rows_of(out)) == without_time(rows_of(full))
+
+
+@pytest.mark.parametrize("edit", [("sigma", 0.5), ("mean", [0.1]), ("std", [2.0]), ("logit_offsets", [0.0, 1.0, 0.0])])
+def test_resume_refuses_an_edited_config(cli_expert, tmp_path, edit):
+    folder, data, _, _ = cli_expert
+    out = tmp_path / "r.tsv"
+    assert invoke(*certify_args(folder, data, out, "--max", 5)).exit_code == 0
+    before = out.read_bytes()
+    config = Path(folder) / "config.json"
+    cfg = json.loads(config.read_text())
+    cfg[edit[0]] = edit[1]
+    config.write_text(json.dumps(cfg))
+    result = invoke(*certify_args(folder, data, out, "--max", 8))
+    assert result.exit_code == 1 and "other settings" in result.output, result.output
+    assert out.read_bytes() == before
+
+
+def test_resume_accepts_an_edited_name_in_the_config(cli_expert, tmp_path):
+    folder, data, _, _ = cli_expert
+    out = tmp_path / "r.tsv"
+    assert invoke(*certify_args(folder, data, out, "--max", 5)).exit_code == 0
+    config = Path(folder) / "config.json"
+    cfg = json.loads(config.read_text())
+    cfg["name"] = "renamed"
+    config.write_text(json.dumps(cfg))
+    assert invoke(*certify_args(folder, data, out, "--max", 5)).exit_code == 0
+
+
 # --- bad input: clear one-line error, non-zero exit, no traceback, no output file ---
 
 
