@@ -71,7 +71,7 @@ def available_providers() -> list[str]:
         import onnxruntime as ort
     except ImportError:
         raise EngineUnavailableError(
-            "ONNX Runtime is not installed; `pip install onnxruntime` (CPU) or `pip install 'dualrs-route[gpu]'`"
+            "ONNX Runtime is not installed; `pip install 'dualrs-route[cpu]'` (CPU build) or `pip install 'dualrs-route[gpu]'` (CUDA build), never both"
         ) from None
     return list(ort.get_available_providers())
 

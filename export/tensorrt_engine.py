@@ -32,7 +32,7 @@ from dualrs_route.experts.folders import ONNX_FILE, sha256_file
 from .onnx_export import INPUT_NAME, OUTPUT_NAME
 
 TRT_PRECISIONS = ("fp32", "fp16")
-INSTALL_HINT = "pip install 'dualrs-route[gpu]'"
+INSTALL_HINT = "pip install 'dualrs-route[tensorrt]' (NVIDIA's TensorRT wheels; needs a CUDA GPU)"
 
 
 def import_tensorrt():

@@ -64,7 +64,7 @@ def test_bench_json_and_table(run, exported_folder, tmp_path):
             row["samples_per_s"] / report["flop_bound_samples_per_s"]["tiny-expert"])
     assert rows[("tensorrt", "fp32")]["skipped"]  # not installed here, reported rather than crashing
     assert "| tiny-expert | onnxruntime | int8 | 100 |" in result.output
-    assert "[1] " in result.output and "dualrs-route[gpu]" in result.output  # why tensorrt was skipped
+    assert "[1] " in result.output and "dualrs-route[tensorrt]" in result.output  # why tensorrt was skipped
 
 
 def test_bench_rejects_bad_values(run, exported_folder):

@@ -27,14 +27,14 @@ def _cuda_available() -> bool:
 def test_module_imports_without_tensorrt():
     import dualrs_route.export.tensorrt_engine as module
 
-    assert callable(module.build_engine) and module.INSTALL_HINT == "pip install 'dualrs-route[gpu]'"
+    assert callable(module.build_engine) and module.INSTALL_HINT.startswith("pip install 'dualrs-route[tensorrt]'")
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
 def test_missing_tensorrt_is_a_clear_error(exported_folder):
     with pytest.raises(EngineUnavailableError) as info:
         make_counter(load_folder(str(exported_folder)), engine="tensorrt", device="cuda")
-    assert "pip install 'dualrs-route[gpu]'" in str(info.value) and "tensorrt" in str(info.value)
+    assert "pip install 'dualrs-route[tensorrt]'" in str(info.value) and "tensorrt" in str(info.value)
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
@@ -44,7 +44,7 @@ def test_export_to_tensorrt_without_tensorrt_exits_cleanly(exported_folder):
     from dualrs_route.cli import main
 
     result = CliRunner().invoke(main, ["export", str(exported_folder), "--to", "tensorrt"])
-    assert result.exit_code == 1 and "pip install 'dualrs-route[gpu]'" in result.output
+    assert result.exit_code == 1 and "pip install 'dualrs-route[tensorrt]'" in result.output
     assert "Traceback" not in result.output
 
 
