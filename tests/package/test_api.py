@@ -58,3 +58,15 @@ def test_bad_input_shape_is_a_plain_value_error():
     model = d.load("builtin:digits-router")
     with pytest.raises(ValueError, match="shape"):
         d.certify(model, np.zeros((3, 8, 8), np.float32))
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "runs" / "api-demo.tsv").is_file()
