@@ -83,6 +83,19 @@ def augment_reference(batch, generator):
     return out
 
 
+def consistency_terms(logits):
+    """Per image, from logits [M, B, K] of M noisy copies: (mean_m KL(pbar || p_m) [B], H(pbar) [B]),
+    where pbar is the mean of the copies' softmax (computed stably in log space)."""
+    import torch
+
+    log_p = torch.log_softmax(logits, dim=-1)  # [M, B, K]
+    log_pbar = torch.logsumexp(log_p, dim=0) - math.log(logits.shape[0])  # [B, K]
+    pbar = log_pbar.exp()
+    kl = (pbar.unsqueeze(0) * (log_pbar.unsqueeze(0) - log_p)).sum(-1).mean(0)  # [B]
+    entropy = -(pbar * log_pbar).sum(-1)  # [B]
+    return kl, entropy
+
+
 def consistency_loss(logits, targets, copies: int, lam: float, eta: float):
     """Jeong and Shin's consistency-regularised loss over ``copies`` noisy copies.
 
@@ -91,7 +104,6 @@ def consistency_loss(logits, targets, copies: int, lam: float, eta: float):
     ``mean_j CE(logits_j, y) + lam * mean_j KL(p_mean || p_j) + eta * H(p_mean)``,
     each term averaged over the batch, where ``p_mean`` is the mean of the copies' softmax.
     """
-    import torch
     import torch.nn.functional as F
 
     logits = logits.float()
@@ -99,12 +111,8 @@ def consistency_loss(logits, targets, copies: int, lam: float, eta: float):
     ce = F.cross_entropy(chunks.reshape(-1, chunks.shape[-1]), targets.repeat(copies))
     if lam == 0 and eta == 0:
         return ce
-    log_p = F.log_softmax(chunks, dim=-1)
-    mean_p = log_p.exp().mean(0)  # [B, C]
-    log_mean = torch.log(mean_p.clamp_min(1e-12))
-    kl = (mean_p[None] * (log_mean[None] - log_p)).sum(-1).mean()  # mean over copies and batch
-    entropy = -(mean_p * log_mean).sum(-1).mean()
-    return ce + lam * kl + eta * entropy
+    kl, entropy = consistency_terms(chunks)
+    return ce + lam * kl.mean() + eta * entropy.mean()
 
 
 def bf16_supported() -> bool:
@@ -183,6 +191,12 @@ def train_expert(*, dataset: str, data: str | None, sigma: float, arch: str | No
     if copies < 1 or (consistency > 0 and copies < 2):
         raise DataError(f"consistency training needs copies >= 2, got {copies}")
     copies = copies if consistency > 0 else 1
+    if precision == "bf16" and not bf16_supported():
+        import warnings
+
+        warnings.warn("this CPU has no native bfloat16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo): bf16 runs "
+                      "emulated, about 12x slower than fp32 on an AVX2-only AMD EPYC (benchmarks/RESULTS.md)",
+                      stacklevel=2)
     out_dir = Path(out)
     if (out_dir / "config.json").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a model; pass --force to replace it")

@@ -22,11 +22,18 @@ from dualrs_route.experts.folders import ModelFolder, load_folder
 from dualrs_route.experts.smoothing import SmoothedClassifier
 from dualrs_route.experts.stats import ABSTAIN, check_alpha, check_count, check_sigma
 
+from .cascade import DEFAULT_P0, CascadeCertifier, check_p0
 from .dual import DualCertifier, build_smoothed, check_expert_set, load_router_set, split_alpha
 from .results import COLUMNS, ResultsWriter
 
-MODES = ("single", "router", "best-radius")
+MODES = ("single", "router", "best-radius", "cascade")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "expert")
+CASCADE_COLUMNS = COLUMNS + ("stage", "radius_skipped", "samples", "stages")
+"""Cascade rows: Cohen's and the routing columns, then the cascade's own. In cascade rows, ``expert``
+and ``sigma`` name the stage where the cascade stopped, ``radius_expert``/``p_expert_lower``/``n_expert``
+are that stage's, ``stage`` is its position (0 = largest sigma), ``radius_skipped`` the min cap of the
+skipped stages (radius = min(radius_skipped, radius_expert)), ``samples`` the noisy samples drawn, and
+``stages`` every stage that ran (:meth:`CascadeCertificate.stages_text`). The router columns stay ``-``."""
 
 
 @dataclass
@@ -51,6 +58,7 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     threads: int | None = None
     compile: bool = False
+    p0: float | None = None  # cascade threshold (mode "cascade" only)
 
     def settings(self, dataset: Dataset, data: str | None, indices_desc: dict, command: str,
                  engines: Sequence[dict]) -> dict:
@@ -61,7 +69,9 @@ class RunPlan:
         folders = ([self.router] if self.router else []) + self.experts
         models = [{"reference": f.reference, "revision": f.revision,
                    **f.fingerprint(e["engine"], e.get("precision", "fp32"))} for f, e in zip(folders, engines)]
+        extra = {"cascade_p0": self.p0, "cascade_alpha_split": "even"} if self.mode == "cascade" else {}
         return {
+            **extra,
             "command": command, "mode": self.mode, "dataset": dataset.name, "data": data, "split": dataset.split,
             **indices_desc, "N0": self.n0, "N": self.n, "alpha_expert": self.alpha,
             "alpha_router": self.beta if self.mode == "router" else None,
@@ -76,8 +86,13 @@ class RunPlan:
 def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: str | None = None, n0: int = 100,
              n: int = 100_000, alpha: float = 0.001, alpha_router: float | None = None, router_n0: int | None = None,
              router_n: int | None = None, seed: int = 0, engine: str = "auto", precision: str = "fp32",
-             device: str = "cpu", batch: int = 400, sigma: float | None = None) -> RunPlan:
-    """Validate options and load every model folder (no network weights yet, no output)."""
+             device: str = "cpu", batch: int = 400, sigma: float | None = None,
+             cascade_p0: float | None = None) -> RunPlan:
+    """Validate options and load every model folder (no network weights yet, no output).
+
+    ``select`` is None, "router", "best-radius" (an oracle) or "cascade" (Multiscale, with
+    threshold ``cascade_p0``, default 0.5).
+    """
     n0 = check_count(n0, "--N0")
     n = check_count(n, "--N")
     check_alpha(alpha, "--alpha")
@@ -88,9 +103,11 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
         sigma = check_sigma(sigma, "--sigma")
     if router and experts:
         raise IncompatibleModelsError("pass either --router (which lists its experts) or --expert, not both")
+    if cascade_p0 is not None and select != "cascade":
+        raise IncompatibleModelsError("--cascade-p0 applies only with --select cascade")
     if router:
         if select not in (None, "router"):
-            raise IncompatibleModelsError("--select best-radius takes --expert options, not --router")
+            raise IncompatibleModelsError(f"--select {select} takes --expert options, not --router")
         if sigma is not None:
             raise IncompatibleModelsError("--sigma overrides a single expert's noise; it cannot be used with --router")
         router_folder, expert_folders = _load_router_quietly(router)
@@ -106,15 +123,17 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
         raise IncompatibleModelsError("--alpha-router, --router-N0 and --router-N apply only with --router")
     folders = [load_folder(ref, expected_kind="expert") for ref in experts]
     check_expert_set(folders)
-    if len(folders) > 1 and select != "best-radius":
-        raise IncompatibleModelsError("several --expert options need --select best-radius (an oracle for analysis), "
-                                      "or use --router to route between them")
-    if select == "best-radius" and len(folders) < 2:
-        raise IncompatibleModelsError("--select best-radius needs at least two --expert options")
+    if len(folders) > 1 and select not in ("best-radius", "cascade"):
+        raise IncompatibleModelsError("several --expert options need --select best-radius (an oracle for analysis) "
+                                      "or --select cascade (Multiscale), or use --router to route between them")
+    if select in ("best-radius", "cascade") and len(folders) < 2:
+        raise IncompatibleModelsError(f"--select {select} needs at least two --expert options")
     if sigma is not None and len(folders) > 1:
         raise IncompatibleModelsError("--sigma overrides one expert's noise; pass a single --expert")
-    mode = "best-radius" if select == "best-radius" else "single"
-    return RunPlan(mode, folders, None, n0, n, alpha, 0.0, 0, 0, seed, engine, precision, device, batch, sigma, [])
+    mode = select if select in ("best-radius", "cascade") else "single"
+    p0 = check_p0(DEFAULT_P0 if cascade_p0 is None else cascade_p0) if mode == "cascade" else None
+    return RunPlan(mode, folders, None, n0, n, alpha, 0.0, 0, 0, seed, engine, precision, device, batch, sigma, [],
+                   p0=p0)
 
 
 def _load_router_quietly(reference: str):
@@ -156,6 +175,7 @@ class Runner:
         self.dual = None
         if plan.router is not None:
             self.dual = DualCertifier(build_smoothed(plan.router, router=True, **options), self.experts)
+        self.cascade = CascadeCertifier(self.experts) if plan.mode == "cascade" else None
         counters = ([self.dual.router.counter] if self.dual else []) + [e.counter for e in self.experts]
         self.engines = [c.describe() for c in counters]
 
@@ -175,6 +195,14 @@ class Runner:
                        sigma=self.experts[result.expert].sigma if ec else None,
                        radius_expert=ec.radius if ec else None, p_expert_lower=ec.p_lower if ec else None,
                        n_expert=ec.count if ec else None)
+        elif plan.mode == "cascade":
+            result = self.cascade.certify(x, n0=plan.n0, n=plan.n, alpha=plan.alpha, p0=plan.p0, seed=plan.seed,
+                                          index=index)
+            stop, decided = result.stages[result.stage], result.decided_radius
+            row.update(predict=result.prediction, radius=result.radius, expert=self.expert_label(stop.expert),
+                       sigma=stop.sigma, radius_expert=0.0 if decided is None else decided,
+                       p_expert_lower=stop.p_lower, n_expert=stop.count, stage=result.stage,
+                       radius_skipped=result.skipped_radius, samples=result.samples, stages=result.stages_text())
         else:
             certs = [e.certify(x, n0=plan.n0, n=plan.n, alpha=plan.alpha, seed=plan.seed, index=index)
                      for e in self.experts]
@@ -229,7 +257,7 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
                 "models": [f.provenance() for f in ([plan.router] if plan.router else []) + plan.experts],
                 "engines": runner.engines, "certificate": plan.mode != "best-radius",
                 "guarantee": _guarantee(plan, task), "notes": plan.notes}
-    columns = COLUMNS if task == "certify" else PREDICT_COLUMNS
+    columns = (CASCADE_COLUMNS if plan.mode == "cascade" else COLUMNS) if task == "certify" else PREDICT_COLUMNS
     writer = ResultsWriter(out_path, settings=settings, metadata=metadata, columns=columns)
     todo = [i for i in indices if i not in writer.done]
     started = time.perf_counter()
@@ -252,8 +280,9 @@ def _guarantee(plan: RunPlan, task: str) -> str:
         what = "certified radius" if task == "certify" else "prediction"
         return (f"each non-abstaining {what} holds with probability >= {1 - total:g} "
                 f"(router beta = {plan.beta:g} + expert alpha = {plan.alpha:g}, union bound)")
+    if plan.mode == "cascade":
+        k = len(plan.experts)
+        return (f"each non-abstaining certified radius holds for the cascaded smoothed classifier (Multiscale, "
+                f"p0 = {plan.p0:g}, stages from the largest sigma down) with probability >= {1 - plan.alpha:g} "
+                f"(alpha/{k} = {plan.alpha / k:g} per stage, union bound over stages)")
     return f"each non-abstaining result holds with probability >= {1 - plan.alpha:g} (Cohen et al. 2019)"
-
-
-def dump_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)

@@ -49,7 +49,7 @@ import numpy as np
 from dualrs_route.experts.errors import DataError, IncompatibleModelsError
 from dualrs_route.experts.folders import BUILTIN_PREFIX, HUB_PREFIX, ModelConfig, ModelFolder, load_folder, save_folder
 from dualrs_route.experts.stats import check_sigma
-from dualrs_route.experts.training import resume_checkpoint
+from dualrs_route.experts.training import consistency_terms, resume_checkpoint
 
 from .labels import LabelSet, best_expert, label_summary, load_labels, merge_labels, routable, weights_hash
 
@@ -91,26 +91,6 @@ def class_weights(best, num_experts: int):
     share = np.bincount(best, minlength=num_experts).astype(np.float64) / len(best)
     per_expert = np.where(share > 0, 1.0 / np.where(share > 0, share, 1.0), 0.0)
     return per_expert[best].astype(np.float32), per_expert.astype(np.float32)
-
-
-def mean_log_prediction(logits):
-    """logits [M, B, K] -> log pbar [B, K], pbar = mean over the M copies of softmax (stable)."""
-    import torch
-
-    log_p = torch.log_softmax(logits, dim=-1)
-    return torch.logsumexp(log_p, dim=0) - math.log(logits.shape[0])
-
-
-def consistency_terms(logits):
-    """Per image, from logits [M, B, K] of M noisy copies: (mean_m KL(pbar || p_m) [B], H(pbar) [B])."""
-    import torch
-
-    log_p = torch.log_softmax(logits, dim=-1)                   # [M, B, K]
-    log_pbar = torch.logsumexp(log_p, dim=0) - math.log(logits.shape[0])  # [B, K]
-    pbar = log_pbar.exp()
-    kl = (pbar.unsqueeze(0) * (log_pbar.unsqueeze(0) - log_p)).sum(-1).mean(0)  # [B]
-    entropy = -(pbar * log_pbar).sum(-1)  # [B]
-    return kl, entropy
 
 
 def consistency_loss(logits, lam: float = DEFAULT_LAMBDA, eta: float = DEFAULT_ETA):
