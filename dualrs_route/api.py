@@ -169,18 +169,21 @@ def run_dataset(*, out: str | Path, experts: Sequence[str] = (), router: str | N
                 skip: int = 1, max_index: int = -1, n0: int = DEFAULT_N0, n: int = DEFAULT_N,
                 alpha: float = DEFAULT_ALPHA, alpha_router: float | None = None, router_n0: int | None = None,
                 router_n: int | None = None, seed: int = 0, engine: str = "auto", precision: str = "fp32",
-                device: str = "cpu", batch: int = 400, command: str = "dualrs_route.run_dataset",
+                device: str = "cpu", batch: int = 400, cascade_p0: float | None = None,
+                command: str = "dualrs_route.run_dataset",
                 progress: Callable | None = None) -> tuple[ResultTable, dict]:
     """Certify every ``skip``-th example of a dataset below ``max_index`` (Cohen's protocol) into ``out``.
 
     Exactly what ``dualrs-route certify`` does: one flushed TSV row per example (Cohen's six
     columns first) plus a ``.json`` sidecar; re-running with the same ``out`` resumes. Give a
-    ``router``, one expert, or several experts with ``select``. Returns the results table and
+    ``router``, one expert, or several experts with ``select`` (``cascade``: the Multiscale
+    cascade, threshold ``cascade_p0``, default 0.5; ``best-radius``: the oracle, not a
+    certificate). Returns the results table and
     its summary (certified accuracy at the usual radii, ACR, abstain rate).
     """
     plan = plan_run(experts=experts, router=router, select=select, n0=n0, n=n, alpha=alpha,
                     alpha_router=alpha_router, router_n0=router_n0, router_n=router_n, seed=seed, engine=engine,
-                    precision=precision, device=device, batch=batch)
+                    precision=precision, device=device, batch=batch, cascade_p0=cascade_p0)
     ds = load_dataset(dataset, split=split, data=data)
     execute(plan, ds, skip=skip, max_index=max_index, out_path=Path(out), data=data, command=command,
             progress=progress)

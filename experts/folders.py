@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineUnavailableError, ModelFormatError, ModelNotFoundError
+from .atomic import atomic_write_json, atomic_write_with
+from .errors import ModelFormatError, ModelNotFoundError
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -368,10 +369,6 @@ def save_folder(out_dir: str | os.PathLike, config: ModelConfig, model=None, *, 
     out.mkdir(parents=True, exist_ok=True)
     if model is not None:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        tmp = out / (SAFETENSORS_FILE + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / SAFETENSORS_FILE)
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)
+        atomic_write_with(out / SAFETENSORS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_json(out / CONFIG_FILE, config.to_dict())
     return out

@@ -20,7 +20,6 @@ and ``model.safetensors``.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -282,18 +281,10 @@ def train_expert(*, dataset: str, data: str | None, sigma: float, arch: str | No
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` with torch.save to a fresh temporary file beside ``path``, then replace it."""
-    import tempfile
-
+    """Write ``state`` with torch.save atomically (:func:`~dualrs_route.experts.atomic.atomic_write`)."""
     import torch
 
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .atomic import atomic_write
+
+    with atomic_write(path) as handle:
+        torch.save(state, handle)

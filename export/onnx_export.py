@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dualrs_route.experts.atomic import atomic_write_json, atomic_write_with
 from dualrs_route.experts.errors import ExportMismatchError, ModelFormatError
 from dualrs_route.experts.folders import CONFIG_FILE, ONNX_FILE, SAFETENSORS_FILE, ModelFolder, load_folder
 
@@ -66,13 +67,9 @@ def _target_folder(folder: ModelFolder, out_dir, *, copy_weights: bool) -> Path:
                 ref = str((folder.path / ref).resolve())
             fixed.append(ref)
         config["experts"] = fixed
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)
+    atomic_write_json(out / CONFIG_FILE, config)
     if copy_weights and folder.has_torch_weights:
-        tmp = out / (SAFETENSORS_FILE + ".tmp")
-        shutil.copyfile(folder.path / SAFETENSORS_FILE, tmp)
-        os.replace(tmp, out / SAFETENSORS_FILE)
+        atomic_write_with(out / SAFETENSORS_FILE, lambda tmp: shutil.copyfile(folder.path / SAFETENSORS_FILE, tmp))
     return out
 
 
@@ -201,9 +198,9 @@ def export_onnx(folder_or_ref, out_dir: str | os.PathLike | None = None, *, opse
     model = folder.load_torch_model().eval()
     target = _target_folder(folder, out_dir, copy_weights=copy_weights)
     final = target / ONNX_FILE
-    tmp = target / (ONNX_FILE + ".tmp")
     dummy = torch.rand((2, *cfg.input_shape))
-    try:
+
+    def export_and_validate(tmp: str) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
@@ -213,14 +210,12 @@ def export_onnx(folder_or_ref, out_dir: str | os.PathLike | None = None, *, opse
         except Exception as exc:  # the exporter raises many types (SymbolicValueError, RuntimeError, ...)
             raise ModelFormatError(f"{folder.reference}: torch.onnx.export (opset {opset}) failed for architecture "
                                    f"{cfg.architecture!r}: {' '.join(str(exc).split())[:300]}") from None
-        _add_metadata(tmp, folder)
+        _add_metadata(Path(tmp), folder)
         if validate:
-            validate_onnx(model, tmp, cfg.input_shape, cfg.sigma, images=images, atol=atol, rtol=rtol,
+            validate_onnx(model, Path(tmp), cfg.input_shape, cfg.sigma, images=images, atol=atol, rtol=rtol,
                           reference=folder.reference)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write_with(final, export_and_validate)  # validated before it replaces model.onnx
     return final
 
 

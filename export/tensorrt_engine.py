@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from dualrs_route.experts.atomic import atomic_write_bytes, atomic_write_json
 from dualrs_route.experts.engine import TorchCounter, resolve_device
 from dualrs_route.experts.errors import EngineUnavailableError, ModelFormatError
 from dualrs_route.experts.folders import ONNX_FILE, sha256_file
@@ -90,15 +91,11 @@ def build_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, i
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ModelFormatError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, out_path)
+    atomic_write_bytes(out_path, bytes(serialized))
     meta = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(device_index),
             "onnx_sha256": sha256_file(onnx_path), "precision": "fp16" if fp16 else "fp32",
             "max_batch": int(max_batch), "input_shape": list(shape)}
-    tmp = out_path.with_name(out_path.name + ".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_path.with_name(out_path.name + ".json"))
+    atomic_write_json(out_path.with_name(out_path.name + ".json"), meta)
     return out_path
 
 

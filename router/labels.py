@@ -60,6 +60,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from dualrs_route.experts.atomic import atomic_write
 from dualrs_route.experts.data import Dataset, check_images
 from dualrs_route.experts.errors import DataError, IncompatibleModelsError, ResumeMismatchError
 from dualrs_route.experts.folders import ModelFolder
@@ -159,14 +160,8 @@ class LabelSet:
 
 def save_npz_atomic(path: str | os.PathLike, **arrays) -> None:
     """Write ``arrays`` as an npz at ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_write(path) as handle:
         np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_labels(path: str | os.PathLike, labels: LabelSet) -> None:

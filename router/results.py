@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dualrs_route.experts.atomic import atomic_write_json
 from dualrs_route.experts.errors import DataError, ResumeMismatchError
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -36,9 +37,7 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data, sort_keys=True, default=str)
 
 
 def format_value(value) -> str:
@@ -248,6 +247,16 @@ def envelope_summary(summaries: Sequence[dict], radii: Sequence[float]) -> dict:
     }
 
 
+def load_tables(paths: Sequence[str]) -> list[ResultTable]:
+    """Read several result files; names are the file stems, or the paths when two stems collide."""
+    tables = [read_results(p) for p in paths]
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        for t, p in zip(tables, paths):
+            t.name = str(p)
+    return tables
+
+
 def analysis_report(paths: Sequence[str], radii: Sequence[float] = DEFAULT_RADII, *, oracle: bool | None = None) -> dict:
     """Summaries of several result files side by side, plus envelope, oracle and captured gain.
 
@@ -255,11 +264,12 @@ def analysis_report(paths: Sequence[str], radii: Sequence[float] = DEFAULT_RADII
     envelope and the oracle; for each router file the report gives the share of the
     oracle's ACR gain over the best single expert's ACR that the router captures.
     """
-    tables = [read_results(p) for p in paths]
-    names = [t.name for t in tables]
-    if len(set(names)) != len(names):
-        for t, p in zip(tables, paths):
-            t.name = str(p)
+    return report_from_tables(load_tables(paths), radii, oracle=oracle)
+
+
+def report_from_tables(tables: Sequence[ResultTable], radii: Sequence[float] = DEFAULT_RADII, *,
+                       oracle: bool | None = None) -> dict:
+    """:func:`analysis_report` on tables already read (see :func:`load_tables`)."""
     summaries = [summarize(t, radii) for t in tables]
     singles = [t for t in tables if t.mode == "single"]
     single_summaries = [s for s, t in zip(summaries, tables) if t.mode == "single"]

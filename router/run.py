@@ -6,7 +6,6 @@ written before every model, option and selected image has been validated.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time

@@ -49,7 +49,7 @@ import numpy as np
 from dualrs_route.experts.errors import DataError, IncompatibleModelsError
 from dualrs_route.experts.folders import BUILTIN_PREFIX, HUB_PREFIX, ModelConfig, ModelFolder, load_folder, save_folder
 from dualrs_route.experts.stats import check_sigma
-from dualrs_route.experts.training import consistency_terms, resume_checkpoint
+from dualrs_route.experts.training import consistency_terms, resume_checkpoint, save_checkpoint
 
 from .labels import LabelSet, best_expert, label_summary, load_labels, merge_labels, routable, weights_hash
 
@@ -332,10 +332,9 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
         log(f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} (ce {record['ce']:.3f}, kl {record['kl']:.4f}, "
             f"H {record['entropy']:.3f}), best-expert acc {100 * record['noisy_best_expert_accuracy']:.1f}%, "
             f"{record['seconds']:.0f}s")
-        tmp = ckpt_path.with_name(CHECKPOINT + ".tmp")
-        torch.save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history}, tmp)
-        os.replace(tmp, ckpt_path)
+        save_checkpoint(ckpt_path, {"settings": settings, "model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "epoch": epoch + 1, "history": history})
     model = model.eval().cpu()
     record = {
         "command": command,

@@ -5,11 +5,7 @@ train-expert. The other commands live beside it (training, calibrate, export) an
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import click
@@ -46,7 +42,8 @@ def _model_options(f):
         click.option("--max", "max_index", type=int, default=-1, show_default=True,
                      help="Stop before this example index; -1 for all (Cohen's --max)."),
         click.option("--alpha", type=float, default=0.001, show_default=True,
-                     help="Total failure probability (split evenly between router and expert)."),
+                     help="Total failure probability (split evenly between router and expert, or over the "
+                          "stages of --select cascade)."),
         click.option("--alpha-router", type=float, default=None,
                      help="Router's share beta of --alpha; the expert gets the rest."),
         click.option("--router-N", "router_n", type=int, default=None, help="Router's N (default: --N)."),
@@ -75,7 +72,8 @@ def _model_options(f):
 
 
 def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_index, n0, n, alpha, alpha_router,
-         router_n0, router_n, batch, seed, device, engine, precision, threads, compile_, sigma, out, fmt, quiet):
+         router_n0, router_n, batch, seed, device, engine, precision, threads, compile_, sigma, out, fmt, quiet,
+         cascade_p0=None):
     from dualrs_route.experts.data import load_dataset
 
     from dualrs_route.router.results import read_results, summarize, format_markdown
@@ -97,7 +95,7 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
         router = DEFAULT_ROUTER
     plan = plan_run(experts=experts, router=router, select=select, n0=n0 or 1, n=n, alpha=alpha,
                     alpha_router=alpha_router, router_n0=router_n0, router_n=router_n, seed=seed, engine=engine,
-                    precision=precision, device=device, batch=batch, sigma=sigma)
+                    precision=precision, device=device, batch=batch, sigma=sigma, cascade_p0=cascade_p0)
     plan.threads = threads
     plan.compile = compile_
     if task == "predict" and plan.mode == "best-radius":
@@ -136,14 +134,19 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
 
 @main.command()
 @_model_options
-@click.option("--select", type=click.Choice(["router", "best-radius"]), default=None,
+@click.option("--select", type=click.Choice(["router", "best-radius", "cascade"]), default=None,
               help="best-radius: certify every --expert and keep the best correct one per example. Uses the "
-                   "label: an oracle upper bound for analysis, NOT a certificate.")
+                   "label: an oracle upper bound for analysis, NOT a certificate. cascade: Multiscale cascaded "
+                   "smoothing (Jeong and Shin 2023) over the --expert options from the largest sigma down, "
+                   "alpha/K per stage.")
+@click.option("--cascade-p0", "cascade_p0", type=float, default=None,
+              help="Cascade threshold p0 in [0.5, 1) (default 0.5): a stage decides once its class's lower "
+                   "bound reaches p0.")
 @click.option("--N0", "n0", type=int, default=100, show_default=True, help="Selection samples per stage.")
 @click.option("--N", "n", type=int, default=100_000, show_default=True, help="Estimation samples per stage.")
 @click.option("--router-N0", "router_n0", type=int, default=None, help="Router's N0 (default: --N0).")
 def certify(**options):
-    """Certify examples with a router (Dual RS) or a single expert (Cohen's CERTIFY).
+    """Certify examples with a router (Dual RS), a single expert (Cohen's CERTIFY) or a Multiscale cascade.
 
     Writes one TSV row per example (idx label predict radius correct time, then routing
     columns), resumes an interrupted --out, and prints a certified-accuracy table.
@@ -163,6 +166,18 @@ def predict(**options):
     _run("predict", select=None, n0=None, router_n0=None, **options)
 
 
+def _plot_path_option(ctx, param, value):
+    """click callback of analyze --plot: the suffix names the image format."""
+    if value is None:
+        return None
+    from dualrs_route.router.plot import check_plot_path
+
+    try:
+        return check_plot_path(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--radii", default="0,0.25,0.5,0.75,1.0,1.25,1.5", show_default=True, callback=radii_option,
@@ -170,7 +185,11 @@ def predict(**options):
 @click.option("--oracle/--no-oracle", default=None,
               help="Add the best-expert-per-example row (default: when two or more single-expert files are given).")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown", show_default=True)
-def analyze(files, radii, oracle, fmt):
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, callback=_plot_path_option,
+              metavar="IMAGE", help="Also draw certified accuracy against radius into IMAGE (.png, .pdf or .svg): "
+                                    "one line per file, plus the envelope and oracle. Needs "
+                                    "`pip install 'dualrs-route[plot]'`.")
+def analyze(files, radii, oracle, fmt, plot_path):
     """Certified accuracy at each radius, abstain rate and ACR of result TSVs (ours or Cohen et al.'s).
 
     Certified accuracy at r is the fraction of rows with correct = 1 and radius >= r.
@@ -178,10 +197,17 @@ def analyze(files, radii, oracle, fmt):
     radius) and the oracle (best expert per example), and for router files the share of
     the oracle's gain over the envelope that the router captures.
     """
-    from dualrs_route.router.results import analysis_report
+    from dualrs_route.router.results import load_tables, report_from_tables
 
-    report = analysis_report(list(files), radii, oracle=oracle)
+    tables = load_tables(list(files))
+    report = report_from_tables(tables, radii, oracle=oracle)
+    if plot_path is not None:  # before printing, so a missing matplotlib leaves one error line
+        from dualrs_route.router.plot import plot_tables
+
+        plot_tables(tables, plot_path, oracle=oracle)
     click.echo(json.dumps(report, indent=2) if fmt == "json" else report["markdown"])
+    if plot_path is not None:
+        click.echo(f"wrote {plot_path}", err=True)
 
 
 @main.group("experts")

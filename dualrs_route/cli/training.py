@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import shlex
 import sys
 
 import click
