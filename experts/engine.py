@@ -16,7 +16,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .errors import EngineUnavailableError
+from .errors import EngineUnavailableError, NonFiniteOutputError
 from .noise import NoiseKey, fill_torch_noise
 from .stats import check_count, check_sigma
 
@@ -66,6 +66,23 @@ def validate_request(counter, xs: np.ndarray, sigma: float, n: int, keys) -> np.
     if len(keys) != len(xs):
         raise ValueError(f"need one noise key per image: {len(keys)} keys for {len(xs)} images")
     return xs
+
+
+def check_finite(finite_rows, segments, keys, engine: str) -> None:
+    """Raise NonFiniteOutputError naming the first input whose batch rows are not all finite.
+
+    ``finite_rows`` is a bool array [batch] (True where every logit of the row is finite),
+    ``segments`` the batch's ``(image, s0, s1)`` runs. Cheap: one reduction per batch."""
+    offset = 0
+    for image, s0, s1 in segments:
+        bad = np.flatnonzero(~np.asarray(finite_rows[offset:offset + s1 - s0]))
+        if bad.size:
+            key = keys[image]
+            raise NonFiniteOutputError(
+                f"the network ({engine} engine) returned NaN or infinite logits for input index {key.index} "
+                f"(stage {key.stage.name}, noise sample {s0 + int(bad[0])}); no result is written for it; "
+                "check the model's weights and inputs")
+        offset += s1 - s0
 
 
 def check_offsets(offsets, num_classes: int) -> np.ndarray | None:
@@ -317,6 +334,9 @@ class TorchCounter:
                 logits = self.logits(batch)
                 if offsets is not None:
                     logits = logits.float() + offsets
+                finite = torch.isfinite(logits).all(dim=1)
+                if not bool(finite.all()):
+                    check_finite(finite.cpu().numpy(), segments, keys, self.engine)
                 yield segments, logits
 
     def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:

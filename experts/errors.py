@@ -43,3 +43,9 @@ class ExportMismatchError(DualRSError):
         if self.mismatches:
             message = message + "\n  " + "\n  ".join(self.mismatches)
         super().__init__(message)
+
+
+class NonFiniteOutputError(DualRSError):
+    """The network returned NaN or infinite logits on a noisy input. Such a sample is not a vote
+    for any class (an argmax would send it to class 0), and dropping it would bias the estimate,
+    so certification of that input stops with this error and no row is written for it."""

@@ -223,6 +223,9 @@ def resolve_reference(reference: str, *, base_dir: str | os.PathLike | None = No
         return _download_from_hub(reference, cache_dir)
     if reference.startswith(BUILTIN_PREFIX):
         name = reference[len(BUILTIN_PREFIX):]
+        if name not in builtin_names():  # names only: no path may escape the bundled zoo
+            raise ModelNotFoundError(f"{reference}: no built-in model named {name!r}; built-in: "
+                                     f"{', '.join(builtin_names())}")
         for zoo in _ZOO_DIRS:
             if (zoo / name / CONFIG_FILE).is_file():
                 return zoo / name, "builtin"

@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dualrs_route.experts.engine import batch_segments, check_offsets, scatter_logits, validate_request
+from dualrs_route.experts.engine import batch_segments, check_finite, check_offsets, scatter_logits, validate_request
 from dualrs_route.experts.errors import EngineUnavailableError, ModelFormatError
 from dualrs_route.experts.noise import BLOCK, NoiseKey, blocks_for, fill_torch_noise, numpy_block
 from dualrs_route.experts.stats import check_count
@@ -234,15 +234,18 @@ class OrtCounter:
                 offset += s1 - s0
             return batch
 
-        def run(batch):
+        def run(batch, segments):
             logits = self.logits(batch)
             if self.logit_offsets is not None:
                 logits = logits + self.logit_offsets
+            finite = np.isfinite(logits).all(axis=1)
+            if not finite.all():
+                check_finite(finite, segments, keys, self.engine)
             return logits
 
         if not self.prefetch or len(plan) == 1:
             for segments in plan:
-                yield segments, run(fill(self._buffers[0], segments))
+                yield segments, run(fill(self._buffers[0], segments), segments)
             return
         # Double buffering: a worker thread draws batch i + 1's noise while ORT (which releases
         # the GIL) runs batch i. Each batch's contents are fixed by its keys, so results are
@@ -253,7 +256,7 @@ class OrtCounter:
                 batch = pending.result()
                 if i + 1 < len(plan):
                     pending = pool.submit(fill, self._buffers[(i + 1) % 2], plan[i + 1])
-                yield segments, run(batch)
+                yield segments, run(batch, segments)
 
     def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:
         """int64 [len(xs), num_classes]: per image, the argmax counts over its ``n`` noisy samples.
