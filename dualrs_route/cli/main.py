@@ -294,3 +294,43 @@ def train_expert(dataset, data, sigma, arch, arch_args, epochs, batch, lr, weigh
                         precision=precision, consistency=consistency, eta=eta, copies=copies,
                         out=out, overwrite=force, command=command, log=None if quiet else click.echo)
     click.echo(f"wrote {path}")
+
+
+@main.command("demo")
+@click.option("--router", default=DEFAULT_ROUTER, show_default=True, metavar="REF",
+              help="Router whose experts are compared (each alone, as a cascade, and routed).")
+@click.option("--dataset", default="digits", show_default=True, help="digits, cifar10 (with --data) or npz:PATH.")
+@click.option("--data", default=None, metavar="PATH", help="Data location for --dataset cifar10.")
+@click.option("--skip", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max", "max_index", type=int, default=-1, show_default=True)
+@click.option("--N0", "n0", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--N", "n", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.001, show_default=True,
+              help="Total failure probability of every row.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
+              help="One results TSV per row; re-running resumes them.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(router, dataset, data, skip, max_index, n0, n, alpha, seed, out_dir, quiet):
+    """Certify a dataset with each expert alone, the Multiscale cascade over them and the router,
+    and print their certified accuracy side by side, with the envelope of the single experts and
+    the oracle (best expert per example: an upper bound, not a certificate)."""
+    from dualrs_route.api import run_dataset
+    from dualrs_route.router.dual import load_router_set
+    from dualrs_route.router.results import load_tables, report_from_tables
+
+    _, experts = load_router_set(router)
+    out = Path(out_dir)
+    common = dict(dataset=dataset, data=data, skip=skip, max_index=max_index, n0=n0, n=n, alpha=alpha, seed=seed,
+                  command=command_line())
+    refs = [str(f.path) for f in experts]  # the router lists them relative to its own folder
+    runs = [(f"expert-{f.config.sigma:g}", dict(experts=[ref])) for f, ref in zip(experts, refs)]
+    runs += [("cascade", dict(experts=refs, select="cascade")),
+             ("router", dict(router=router))]
+    paths = []
+    for name, spec in runs:
+        path = out / f"{name}.tsv"
+        run_dataset(out=path, progress=progress(name, quiet), **spec, **common)
+        paths.append(str(path))
+    report = report_from_tables(load_tables(paths))
+    click.echo(report["markdown"])

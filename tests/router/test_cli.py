@@ -578,3 +578,14 @@ def test_compile_is_recorded_and_a_resume_without_it_is_refused(cli_expert, tmp_
     assert result.exit_code == 1 and "other settings" in result.output and out.read_bytes() == before
     result = invoke(*certify_args(folder, data, tmp_path / "o.tsv", "--engine", "onnxruntime", "--compile"))
     assert result.exit_code != 0 and "needs the torch engine" in result.output
+
+
+def test_demo_prints_each_expert_the_cascade_and_the_router_side_by_side(tmp_path):
+    pytest.importorskip("sklearn")
+    result = invoke("demo", "--N0", 10, "--N", 50, "--max", 12, "--quiet", "--out-dir", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    for row in ("| expert-0.25 |", "| expert-0.5 |", "| expert-1 |", "| cascade |", "| router |", "envelope",
+                "oracle"):
+        assert row in result.output, (row, result.output)
+    assert sorted(p.name for p in (tmp_path / "demo").glob("*.tsv")) == [
+        "cascade.tsv", "expert-0.25.tsv", "expert-0.5.tsv", "expert-1.tsv", "router.tsv"]
