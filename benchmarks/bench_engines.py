@@ -241,7 +241,8 @@ def main(argv=None) -> int:
 
     from dualrs_route.experts.architectures import count_flops
     from dualrs_route.experts.folders import load_folder
-    from dualrs_route.router.bench import matmul_peak, round_robin, _versions
+    from dualrs_route.router.bench import matmul_peak, round_robin
+    from dualrs_route.router.run import versions as _versions
 
     def log(message):
         print(message, file=sys.stderr, flush=True)

@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from dualrs_route.router.run import versions
+
 from dualrs_route.experts.errors import DualRSError
 from dualrs_route.experts.noise import NoiseKey, Stage
 
@@ -342,7 +344,7 @@ def run_bench(reference: str, *, engines: Sequence[str] = ("torch", "onnxruntime
         "samples": samples, "N0": n0, "N": n, "repeats": repeats, "warmup": warmup, "seed": seed,
         "peak": peak, "flops_per_sample": flops,
         "flop_bound_samples_per_s": {k: (peak["gflops"] * 1e9 / v if v else None) for k, v in flops.items()},
-        "rows": [asdict(r) for r in rows], "versions": _versions(),
+        "rows": [asdict(r) for r in rows], "versions": versions(),
     }
 
 
@@ -355,18 +357,6 @@ def _count_flops(folder) -> int | None:
     except ImportError:
         return None
     return count_flops(folder.load_torch_model(), folder.config.input_shape)
-
-
-def _versions() -> dict:
-    import platform
-
-    out = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
-    for name in ("numpy", "torch", "onnxruntime"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    return out
 
 
 def format_table(result: dict) -> str:

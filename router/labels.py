@@ -64,6 +64,8 @@ from dualrs_route.experts.atomic import atomic_write
 from dualrs_route.experts.data import Dataset, check_images
 from dualrs_route.experts.errors import DataError, IncompatibleModelsError, ResumeMismatchError
 from dualrs_route.experts.folders import ModelFolder
+
+from .results import diff_settings
 from dualrs_route.experts.noise import NoiseKey, Stage
 from dualrs_route.experts.stats import ABSTAIN, certify_from_counts, check_alpha, check_count
 
@@ -278,11 +280,6 @@ def select_label_indices(length: int, *, max_images: int | None = None, fraction
     return np.arange(start, length, dtype=np.int64)
 
 
-def _diff(old: dict, new: dict) -> list[str]:
-    return [f"{k}: file has {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
-
-
 def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Sequence[int], *, out: str | os.PathLike,
                    n0: int = DEFAULT_N0, n: int = DEFAULT_N, alpha: float = DEFAULT_ALPHA, seed: int = 0,
                    batch: int = 400, chunk: int = DEFAULT_CHUNK, engine: str = "auto", device: str = "cpu",
@@ -343,7 +340,7 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if out.exists():
         current = load_labels(out)
-        diffs = _diff(current.meta.get("settings", {}), json.loads(json.dumps(settings)))
+        diffs = diff_settings(current.meta.get("settings", {}), json.loads(json.dumps(settings)))
         if diffs:
             raise ResumeMismatchError(f"{out} was written with other settings; use another --out, delete it, or repeat "
                                       "the original options. Differences: " + "; ".join(diffs))

@@ -49,12 +49,13 @@ def format_value(value) -> str:
     return str(value)
 
 
-def _diff_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+def diff_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Every setting that differs, as 'key: file has OLD, now NEW' (nested dicts as key.sub)."""
     diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _diff_settings(a, b, f"{prefix}{key}.")
+            diffs += diff_settings(a, b, f"{prefix}{key}.")
         elif a != b:
             diffs.append(f"{prefix}{key}: file has {a!r}, now {b!r}")
     return diffs
@@ -80,7 +81,7 @@ class ResultsWriter:
                 old = json.loads(side.read_text())
             except json.JSONDecodeError as exc:
                 raise ResumeMismatchError(f"{side} is not valid JSON ({exc}); delete the results to start over") from None
-            diffs = _diff_settings(old.get("settings", {}), settings)
+            diffs = diff_settings(old.get("settings", {}), settings)
             if diffs:
                 raise ResumeMismatchError(f"{self.path} was written with other settings; use another --out, delete it, "
                                           "or repeat the original options. Differences: " + "; ".join(diffs))

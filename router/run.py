@@ -25,7 +25,6 @@ from .cascade import DEFAULT_P0, CascadeCertifier, check_p0
 from .dual import DualCertifier, build_smoothed, check_expert_set, load_router_set, split_alpha
 from .results import COLUMNS, ResultsWriter
 
-MODES = ("single", "router", "best-radius", "cascade")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "expert")
 CASCADE_COLUMNS = COLUMNS + ("stage", "radius_skipped", "samples", "stages")
 """Cascade rows: Cohen's and the routing columns, then the cascade's own. In cascade rows, ``expert``
@@ -145,7 +144,8 @@ def versions() -> dict:
     """Versions of Python, the platform, this package and the libraries that shape results."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "platform": platform.platform()}
+    out = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+           "processor": platform.processor()}
     try:
         out["dualrs-route"] = version("dualrs-route")
     except PackageNotFoundError:  # running from a checkout that is not installed
