@@ -58,6 +58,12 @@ def blocks_for(start: int, stop: int) -> range:
     return range(start // BLOCK, (stop - 1) // BLOCK + 1) if stop > start else range(0)
 
 
+def block_pieces(start: int, stop: int):
+    """Yield ``(block, lo, hi)``: samples [start, stop) are rows lo..hi-1 of each covering block, in order."""
+    for block in blocks_for(start, stop):
+        yield block, max(start, block * BLOCK) - block * BLOCK, min(stop, (block + 1) * BLOCK) - block * BLOCK
+
+
 def numpy_block(key: NoiseKey, block: int, shape: tuple[int, ...]) -> np.ndarray:
     """Standard-normal float32 noise of block ``block``: shape [BLOCK, *shape], from numpy's PCG64.
 
@@ -70,9 +76,7 @@ def numpy_block(key: NoiseKey, block: int, shape: tuple[int, ...]) -> np.ndarray
 def numpy_noise(key: NoiseKey, start: int, stop: int, shape: tuple[int, ...]) -> np.ndarray:
     """Samples [start, stop) of the numpy stream for ``key``: float32 [stop - start, *shape]."""
     parts = []
-    for b in blocks_for(start, stop):
-        lo = max(start, b * BLOCK) - b * BLOCK
-        hi = min(stop, (b + 1) * BLOCK) - b * BLOCK
+    for b, lo, hi in block_pieces(start, stop):
         parts.append(numpy_block(key, b, shape)[lo:hi])
     if not parts:
         return np.zeros((0, *shape), dtype=np.float32)
@@ -86,9 +90,7 @@ def fill_torch_noise(out, generator, key: NoiseKey, s0: int, s1: int) -> None:
     import torch
 
     offset = 0
-    for block in blocks_for(s0, s1):
-        lo = max(s0, block * BLOCK) - block * BLOCK
-        hi = min(s1, (block + 1) * BLOCK) - block * BLOCK
+    for block, lo, hi in block_pieces(s0, s1):
         generator.manual_seed(key.block_seed(block))
         if lo == 0 and hi == BLOCK:
             target = out[offset:offset + BLOCK]

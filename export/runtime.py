@@ -41,7 +41,7 @@ import numpy as np
 
 from dualrs_route.experts.engine import batch_segments, check_finite, check_offsets, scatter_logits, validate_request
 from dualrs_route.experts.errors import EngineUnavailableError, ModelFormatError
-from dualrs_route.experts.noise import BLOCK, NoiseKey, blocks_for, fill_torch_noise, numpy_block
+from dualrs_route.experts.noise import NoiseKey, block_pieces, fill_torch_noise, numpy_block
 from dualrs_route.experts.stats import check_count
 
 from .providers import CPU, PROVIDER_CHOICES, choose_providers, create_session
@@ -95,9 +95,7 @@ class NumpyHostNoise:
 
     def add_noise(self, out: np.ndarray, x: np.ndarray, sigma: float, key: NoiseKey, s0: int, s1: int) -> None:
         offset = 0
-        for block in blocks_for(s0, s1):
-            lo = max(s0, block * BLOCK) - block * BLOCK
-            hi = min(s1, (block + 1) * BLOCK) - block * BLOCK
+        for block, lo, hi in block_pieces(s0, s1):
             out[offset:offset + hi - lo] = numpy_block(key, block, self.shape)[lo:hi]
             offset += hi - lo
         np.multiply(out, np.float32(sigma), out=out)
