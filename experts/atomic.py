@@ -17,26 +17,33 @@ from typing import Callable, Iterator
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """``with atomic_write(path, "w") as handle: ...``: the content appears at ``path`` on exit.
-
-    Parent folders are created. The file gets the usual permissions (0666 minus the umask)."""
+def _replacing(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(fd, name)`` of a fresh temporary file beside ``path``; on a clean exit it gets the usual
+    permissions (0666 minus the umask; mkstemp makes 0600) and replaces ``path``, on any
+    failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        yield fd, tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """``with atomic_write(path, "w") as handle: ...``: the content appears at ``path`` on exit,
+    flushed and fsynced. Parent folders are created."""
+    with _replacing(path) as (fd, _), os.fdopen(fd, mode) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -56,17 +63,6 @@ def atomic_write_json(path: str | os.PathLike, data, **dumps_options) -> None:
 def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """For libraries that only write to a file name (safetensors, onnx, torch.onnx.export):
     ``write(tmp_name)`` fills a temporary file beside ``path``, which then replaces it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _replacing(path) as (fd, tmp):
+        os.close(fd)
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -222,31 +222,23 @@ class TorchCounter:
 
         if (model is None) == (forward is None):
             raise ValueError("TorchCounter needs exactly one of a torch module or a forward function")
-        self.engine = engine
-        if forward is not None:
-            self.device = resolve_device(device)
-            self.num_classes = check_count(num_classes, "num_classes")
-            self.input_shape = tuple(int(d) for d in input_shape)
-            self.batch_size = check_count(batch_size, "batch_size")
-            self.precision = precision
-            self.dtype = torch.float32  # the forward function takes float32 and owns its precision
-            self.channels_last = False
-            self.model = None
-            self.tf32 = getattr(forward, "tf32", None)
-            self.compiled = False
-            self._forward = forward
-            self._generator = torch.Generator(device=self.device)
-            self.logit_offsets = None
-            return
-        if precision not in PRECISIONS:
+        if forward is None and precision not in PRECISIONS:
             hint = (" (int8 runs on --engine onnxruntime from a static-QDQ model.int8.onnx: "
                     "`dualrs-route export REF --to int8`)") if precision == "int8" else ""
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}{hint}")
+        self.engine = engine
         self.device = resolve_device(device)
         self.num_classes = check_count(num_classes, "num_classes")
         self.input_shape = tuple(int(d) for d in input_shape)
         self.batch_size = check_count(batch_size, "batch_size")
         self.precision = precision
+        self._generator = torch.Generator(device=self.device)
+        self.logit_offsets: np.ndarray | None = None
+        if forward is not None:  # the forward function takes float32 and owns its precision
+            self.model, self._forward = None, forward
+            self.dtype, self.channels_last, self.compiled = torch.float32, False, False
+            self.tf32 = getattr(forward, "tf32", None)
+            return
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         # channels_last (None: automatic) feeds tensor cores (CPU AMX, GPU bf16/fp16); for plain fp32 on a
         # GPU the automatic choice is NCHW (benchmarks/RESULTS.md, GPU table: both layouts side by side)
@@ -268,8 +260,6 @@ class TorchCounter:
             self.tf32 = False
         self.compiled = bool(compile)
         self._forward = _compile_model(model, self.dtype, self.channels_last) if self.compiled else None
-        self._generator = torch.Generator(device=self.device)
-        self.logit_offsets: np.ndarray | None = None
 
     def set_logit_offsets(self, offsets) -> None:
         """Add fixed per-class ``offsets`` (float32) to every logit vector before the argmax

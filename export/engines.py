@@ -6,7 +6,6 @@ It sits above the folders (core) and the backends' counters, so neither imports 
 
 from __future__ import annotations
 
-
 from dualrs_route.experts.engine import TorchCounter
 from dualrs_route.experts.errors import EngineUnavailableError, ModelFormatError
 from dualrs_route.experts.folders import ModelConfig, ModelFolder
@@ -43,9 +42,14 @@ def make_counter(folder: ModelFolder, *, engine: str = "auto", device: str = "cp
         _check_output_width(model, cfg, folder.reference)
         counter = TorchCounter(model, num_classes=cfg.num_classes, input_shape=cfg.input_shape, device=device,
                                batch_size=batch_size, precision=precision, compile=compile_, **engine_options)
+    elif engine == "tensorrt":
+        from .tensorrt_engine import make_tensorrt_counter  # imports tensorrt only when asked for
+
+        counter = make_tensorrt_counter(folder, device=device, batch_size=batch_size, precision=precision,
+                                        **engine_options)
     else:
-        counter = runtime.make_counter(folder, engine=engine, device=device, batch_size=batch_size,
-                                       precision=precision, **engine_options)
+        counter = runtime.make_counter(folder, device=device, batch_size=batch_size, precision=precision,
+                                       **engine_options)
     if cfg.logit_offsets is not None and not raw_logits:
         # a calibrated router: fixed per-class offsets on the logits, the same on every engine
         counter.set_logit_offsets(cfg.logit_offsets)

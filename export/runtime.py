@@ -282,22 +282,13 @@ class OrtCounter:
         return out
 
 
-def make_counter(folder, *, engine: str = "onnxruntime", device: str = "cpu", batch_size: int = 400,
-                 precision: str = "fp32", **options):
-    """Counter for ``folder`` (a :class:`experts.folders.ModelFolder`) on ``engine``.
-
-    ``onnxruntime``: :class:`OrtCounter` over ``model.onnx`` (``model.int8.onnx`` for int8);
-    options ``provider``, ``threads``, ``noise``, ``io_binding``, ``prefetch``, ``engine_cache_dir``.
-    ``tensorrt``: a native TensorRT engine (:mod:`export.tensorrt_engine`), built from
-    ``model.onnx`` on first use.
+def make_counter(folder, *, device: str = "cpu", batch_size: int = 400, precision: str = "fp32", **options):
+    """:class:`OrtCounter` for ``folder`` (a :class:`~dualrs_route.experts.folders.ModelFolder`) over
+    ``model.onnx`` (``model.int8.onnx`` for int8); options ``provider``, ``threads``, ``noise``,
+    ``io_binding``, ``prefetch``, ``engine_cache_dir``. The engine factory is
+    :func:`dualrs_route.export.engines.make_counter`.
     """
     cfg = folder.config
-    if engine == "tensorrt":
-        from .tensorrt_engine import make_tensorrt_counter
-
-        return make_tensorrt_counter(folder, device=device, batch_size=batch_size, precision=precision, **options)
-    if engine != "onnxruntime":
-        raise EngineUnavailableError(f"export.runtime serves engines onnxruntime and tensorrt, not {engine!r}")
     unknown = set(options) - {"provider", "threads", "noise", "io_binding", "prefetch", "engine_cache_dir"}
     if unknown:
         raise ValueError(f"unknown ONNX Runtime option(s) {sorted(unknown)}; known: provider "

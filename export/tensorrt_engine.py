@@ -170,10 +170,8 @@ def tensorrt_counter(engine_file: str | os.PathLike, *, num_classes: int, input_
     if dev.type != "cuda":
         raise EngineUnavailableError(f"--engine tensorrt runs on a CUDA GPU; got --device {device}")
     forward = TensorRTForward(engine_file, num_classes=num_classes, device=dev, batch_size=batch_size)
-    counter = TorchCounter(forward=forward, engine="tensorrt", num_classes=num_classes, input_shape=input_shape,
-                           device=device, batch_size=batch_size, precision=precision)
-    counter.engine_file = Path(engine_file)
-    return counter
+    return TorchCounter(forward=forward, engine="tensorrt", num_classes=num_classes, input_shape=input_shape,
+                        device=device, batch_size=batch_size, precision=precision)
 
 
 def make_tensorrt_counter(folder, *, device: str = "cuda", batch_size: int = 400, precision: str = "fp32",

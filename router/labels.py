@@ -64,10 +64,10 @@ from dualrs_route.experts.atomic import atomic_write
 from dualrs_route.experts.data import Dataset, check_images
 from dualrs_route.experts.errors import DataError, IncompatibleModelsError, ResumeMismatchError
 from dualrs_route.experts.folders import ModelFolder
-
-from .results import diff_settings
 from dualrs_route.experts.noise import NoiseKey, Stage
 from dualrs_route.experts.stats import ABSTAIN, certify_from_counts, check_alpha, check_count
+
+from .results import diff_settings
 
 FORMAT = "dualrs-route labels v1"
 DEFAULT_N0 = 10
