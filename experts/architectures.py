@@ -50,18 +50,53 @@ class NormalizeLayer(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
+MAX_PARAMETERS = 10**9
+"""Largest network (parameter count) :func:`build_model` builds: 4 GB of float32 weights."""
+
+
+def _positive_ints(value) -> bool:
+    """True if every integer in ``value`` (nested in lists, tuples and dicts) is >= 1."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return value >= 1
+    if isinstance(value, (list, tuple)):
+        return all(_positive_ints(v) for v in value)
+    if isinstance(value, dict):
+        return all(_positive_ints(v) for v in value.values())
+    return True
+
+
 def build_model(name: str, *, num_classes: int, input_shape, mean, std, **architecture_args) -> nn.Module:
-    """Build ``Sequential(NormalizeLayer(mean, std), architecture)`` with fresh weights."""
+    """Build ``Sequential(NormalizeLayer(mean, std), architecture)`` with fresh weights.
+
+    Raises ValueError, before allocating any weight, for an unknown architecture, arguments it
+    does not take, integer arguments (widths, depths, ...) below 1, or more than
+    :data:`MAX_PARAMETERS` parameters (counted on torch's ``meta`` device)."""
     if name not in _REGISTRY:
-        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(available())}")
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(available())}")
     in_channels = int(input_shape[0])
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(
             f"mean and std need one value per input channel ({in_channels}), got {len(mean)} and {len(std)}"
         )
-    network = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, input_shape=tuple(input_shape),
-                              **architecture_args)
-    return nn.Sequential(NormalizeLayer(mean, std), network)
+    if not _positive_ints(architecture_args):
+        raise ValueError(f"architecture {name!r}: integer arguments must be >= 1, got {architecture_args}")
+
+    def make() -> nn.Module:
+        return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, input_shape=tuple(input_shape),
+                               **architecture_args)
+
+    try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in make().parameters())
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise ValueError(f"architecture {name!r} cannot be built with arguments {architecture_args}: {detail}") from None
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"architecture {name!r} with arguments {architecture_args} has {size:,} parameters; "
+                         f"the limit is {MAX_PARAMETERS:,}")
+    return nn.Sequential(NormalizeLayer(mean, std), make())
 
 
 # --- Cohen-compatible CIFAR ResNets (layer structure of bearpaw/pytorch-classification) ---

@@ -3,7 +3,9 @@
 :func:`atomic_write` opens a fresh temporary file in the target's folder (``tempfile.mkstemp``:
 created exclusively with an unpredictable name, so no planted symlink is followed), lets the
 caller write it, flushes and fsyncs it, then ``os.replace``s it onto the target. On any
-failure the temporary file is removed and the target is left as it was.
+failure the temporary file is removed and the target is left as it was, and an OSError
+(disk full, read-only filesystem, the target is a folder, ...) becomes one
+:class:`~dualrs_route.experts.errors.OutputError` naming the target.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .errors import output_error
+
 
 @contextlib.contextmanager
 def _replacing(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
@@ -22,17 +26,22 @@ def _replacing(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     permissions (0666 minus the umask; mkstemp makes 0600) and replaces ``path``, on any
     failure it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
     try:
         yield fd, tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise output_error(path, exc) from exc
         raise
 
 

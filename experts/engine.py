@@ -12,6 +12,8 @@ backend they have. This module holds the protocol and the torch engine:
 
 from __future__ import annotations
 
+import math
+
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -101,6 +103,22 @@ def scatter_logits(out: np.ndarray, segments, values: np.ndarray) -> None:
     for image, s0, s1 in segments:
         out[image, s0:s1] = values[offset:offset + s1 - s0]
         offset += s1 - s0
+
+
+MAX_BATCH_BYTES = 4 * 2**30
+"""Largest float32 noise buffer (batch x input size x 4 bytes) a run accepts: 4 GiB."""
+
+
+def check_batch_memory(batch: int, input_shape, name: str = "--batch") -> int:
+    """Return ``batch``, or raise ValueError if a float32 noise buffer of ``batch`` inputs of
+    ``input_shape`` would exceed :data:`MAX_BATCH_BYTES`."""
+    per_input = 4 * math.prod(int(d) for d in input_shape)
+    batch = check_count(batch, name)
+    if batch * per_input > MAX_BATCH_BYTES:
+        raise ValueError(f"{name} {batch:,} needs a {batch * per_input / 2**30:.1f} GiB noise buffer for inputs of shape "
+                         f"{list(input_shape)}; the limit is {MAX_BATCH_BYTES // 2**30} GiB, i.e. {name} <= "
+                         f"{MAX_BATCH_BYTES // per_input:,}")
+    return batch
 
 
 def batch_segments(num_images: int, n: int, batch_size: int):

@@ -51,13 +51,25 @@ def check_sigma(sigma: float, name: str = "sigma") -> float:
     return value
 
 
-def check_count(n: int, name: str, minimum: int = 1) -> int:
-    """Return ``n`` as an int, or raise ValueError unless it is an integer >= minimum."""
+MAX_SAMPLES = 10**9
+"""Largest sample budget (N, N0 and the router's) a run accepts: 10^9 noisy samples of one input
+already take hours on a GPU for a small network; larger budgets are refused up front."""
+
+
+def check_count(n: int, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """Return ``n`` as an int, or raise ValueError unless it is an integer in [minimum, maximum]."""
     if isinstance(n, bool) or int(n) != n:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {n!r}")
     if int(n) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {n}")
+    if maximum is not None and int(n) > maximum:
+        raise ValueError(f"{name} must be <= {maximum:,}, got {int(n):,}")
     return int(n)
+
+
+def check_budget(n: int, name: str) -> int:
+    """:func:`check_count` for a sample budget: an integer in [1, :data:`MAX_SAMPLES`]."""
+    return check_count(n, name, maximum=MAX_SAMPLES)
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:

@@ -5,14 +5,17 @@ time`` (time in seconds), so existing analysis scripts keep working; routing col
 follow. ``FILE.tsv.json`` holds the run's metadata: settings, models (revision and
 sha256 of every weight file), package versions.
 
-Resume: re-running with the same ``--out`` keeps every complete row, drops a partial
-last line (a run killed mid-write), and continues with the next example. Settings
-that change results (models, data, budgets, alpha, seed, engine, precision) must match
-the sidecar, or the run is refused.
+Resume: re-running with the same ``--out`` validates every row, keeps the good ones, drops
+a torn or unparsable last row (a run killed mid-write), and continues with the next
+example; a bad row before the last is refused, naming its line. Settings that change
+results (models, data, budgets, alpha, seed, engine, precision) must match the sidecar,
+or the run is refused. A writer holds ``FILE.tsv.lock`` (flock) while it runs, so a
+second run on the same file is refused with the first one's PID.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -23,7 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from dualrs_route.experts.atomic import atomic_write_json
-from dualrs_route.experts.errors import DataError, ResumeMismatchError
+from dualrs_route.experts.errors import DataError, DualRSError, LockedError, OutputError, ResumeMismatchError, output_error
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 ROUTING_COLUMNS = ("expert", "sigma", "radius_router", "radius_expert", "p_router_lower", "p_expert_lower",
@@ -61,62 +64,224 @@ def diff_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
+INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "n_router", "n_expert", "stage", "samples"})
+FLOAT_COLUMNS = frozenset({"radius", "time", "sigma", "radius_router", "radius_expert", "p_router_lower",
+                           "p_expert_lower", "radius_skipped"})
+REQUIRED_COLUMNS = frozenset({"idx", "label", "predict", "correct", "radius"})  # never '-'
+
+
+def _cell(column: str, text: str):
+    """The value of one cell of ``column`` (None for '-' where a column may be empty); ValueError if invalid."""
+    if text == "-" and column not in REQUIRED_COLUMNS:
+        return None
+    if column in INT_COLUMNS:
+        return int(text)
+    if column in FLOAT_COLUMNS:
+        value = float(text)
+        if math.isnan(value):
+            raise ValueError("NaN")
+        return value
+    return text
+
+
+def _row_problem(values: dict) -> str | None:
+    """What is wrong with a row's parsed Cohen columns, or None."""
+    if values["idx"] < 0 or values["label"] < 0 or values["predict"] < -1:
+        return "idx and label must be >= 0 and predict >= -1 (abstain)"
+    if values.get("radius") is not None and values["radius"] < 0:
+        return f"radius {values['radius']:g} is negative"
+    if values["correct"] not in (0, 1):
+        return "'correct' must be 0 or 1 (a running total is a known bug of some scripts)"
+    if values["correct"] != int(values["predict"] == values["label"]):
+        return f"correct = {values['correct']} disagrees with predict {values['predict']} and label {values['label']}"
+    return None
+
+
+class RowChecker:
+    """Validates the rows of one results file in order: the field count, every cell of ``check``
+    (integers, non-NaN floats, '-' only where a column may be empty), the agreement of
+    ``correct`` with ``predict`` and ``label``, and that no ``idx`` repeats. Each problem is a
+    :class:`DataError` naming the file and the line."""
+
+    def __init__(self, path: Path, header: Sequence[str], check: Iterable[str]):
+        self.path, self.header = path, list(header)
+        self.check_columns = [c for c in check if c in INT_COLUMNS | FLOAT_COLUMNS]
+        self.seen: set[int] = set()
+
+    def check(self, line: bytes | str, number: int) -> tuple[dict, dict]:
+        """``(cells, values)`` of ``line`` (line ``number`` of the file, counting the header as 1):
+        every cell as text by column, and the parsed values of the checked columns."""
+        try:
+            text = line.decode() if isinstance(line, bytes) else line
+        except UnicodeDecodeError:
+            raise DataError(f"{self.path}, line {number}: not UTF-8 text") from None
+        fields = text.split("\t")
+        if len(fields) != len(self.header):
+            raise DataError(f"{self.path}, line {number}: {len(fields)} fields, the header has {len(self.header)}")
+        cells = dict(zip(self.header, fields))
+        values = {}
+        for column in self.check_columns:
+            try:
+                values[column] = _cell(column, cells[column])
+            except ValueError:
+                raise DataError(f"{self.path}, line {number}: {column} = {cells[column][:40]!r} is not a valid "
+                                f"{'integer' if column in INT_COLUMNS else 'number'}") from None
+        problem = _row_problem(values)
+        if problem is None and values["idx"] in self.seen:
+            problem = f"idx {values['idx']} appears twice (two runs wrote to this file?)"
+        if problem:
+            raise DataError(f"{self.path}, line {number}: {problem}")
+        self.seen.add(values["idx"])
+        return cells, values
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + ".lock")
+
+
+def acquire_lock(path: Path) -> int:
+    """Take the exclusive lock of results file ``path`` (``fcntl.flock`` on ``PATH.lock``, which then
+    holds this process's PID) and return its descriptor; the OS releases it when the process ends,
+    however it ends (kill -9 included). A second writer gets :class:`LockedError` naming the holder."""
+    lock = lock_path(path)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise output_error(lock, exc) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LockedError(f"{path} is being written by another process (PID {holder}, lock {lock.name}); "
+                          "wait for it to finish, stop it, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    """Release a lock from :func:`acquire_lock` (the lock file stays; it is reused by the next run)."""
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def read_sidecar(path: Path, error: type[DualRSError]) -> dict:
+    """The sidecar's metadata; ``error`` naming the file if it is not a JSON object with a
+    ``settings`` object."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); delete the results to start over") from None
+    if not isinstance(data, dict) or not isinstance(data.get("settings", {}), dict):
+        raise error(f"{path} is not a dualrs-route sidecar (expected a JSON object with a 'settings' object, got "
+                    f"{type(data).__name__}); delete the results to start over")
+    return data
+
+
 class ResultsWriter:
     """Appends one flushed TSV row per example; resumes an existing file written with the same settings.
 
-    Create it only after every input has been validated: it creates the output file.
+    Create it only after every input has been validated: it creates the output file. It holds
+    the file's lock (:func:`acquire_lock`) until :meth:`close`, so two runs never write one file.
+    Each row goes to the file in unbuffered writes; a failed write (disk full, ...) raises
+    :class:`OutputError` and leaves at most a torn last line, which a resume drops.
     """
 
     def __init__(self, path: str | os.PathLike, *, settings: dict, metadata: dict, columns: Sequence[str] = COLUMNS):
         self.path = Path(path)
         self.columns = tuple(columns)
         self.done: set[int] = set()
+        self._lock = acquire_lock(self.path)
+        try:
+            self._open(json.loads(json.dumps(settings, default=str)), metadata)
+        except BaseException:
+            release_lock(self._lock)
+            raise
+
+    def _open(self, settings: dict, metadata: dict) -> None:
         side = sidecar_path(self.path)
-        settings = json.loads(json.dumps(settings, default=str))
         if self.path.exists():
             if not side.is_file():
                 raise ResumeMismatchError(f"{self.path} exists but has no {side.name}; it was not written by "
                                           "dualrs-route. Choose another --out or delete it")
-            try:
-                old = json.loads(side.read_text())
-            except json.JSONDecodeError as exc:
-                raise ResumeMismatchError(f"{side} is not valid JSON ({exc}); delete the results to start over") from None
+            old = read_sidecar(side, ResumeMismatchError)
             diffs = diff_settings(old.get("settings", {}), settings)
             if diffs:
                 raise ResumeMismatchError(f"{self.path} was written with other settings; use another --out, delete it, "
                                           "or repeat the original options. Differences: " + "; ".join(diffs))
             self.done = self._recover()
             self.metadata = old
-            self.metadata.setdefault("resumed", []).append(metadata.get("started"))
+            resumed = self.metadata.get("resumed")
+            self.metadata["resumed"] = (resumed if isinstance(resumed, list) else []) + [metadata.get("started")]
+            write_json_atomic(side, self.metadata)  # now, so that a run killed later is in the history too
+            self._handle = self._open_rows()
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.metadata = dict(metadata, settings=settings, columns=list(self.columns))
             write_json_atomic(side, self.metadata)
-            with open(self.path, "w") as handle:
-                handle.write("\t".join(self.columns) + "\n")
-        self._handle = open(self.path, "a")
+            self._handle = self._open_rows()
+            self._append("\t".join(self.columns) + "\n")
+
+    def _open_rows(self):
+        try:
+            return open(self.path, "ab", buffering=0)
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
 
     def _recover(self) -> set[int]:
-        """Read complete rows, truncate a partial last line, return the indices already done."""
+        """Validate every row; drop a torn or unparsable last row (truncating the file to the last
+        good row); refuse a bad row elsewhere, naming its line. Returns the indices already done."""
         raw = self.path.read_bytes()
-        complete = raw[: raw.rfind(b"\n") + 1]
-        if len(complete) != len(raw):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(len(complete))
-        lines = complete.decode().splitlines()
-        if not lines or tuple(lines[0].split("\t")) != self.columns:
+        lines = raw.split(b"\n")
+        tail = lines.pop()  # bytes after the last newline: a row torn by a kill, or nothing
+        if not lines or lines[0].decode(errors="replace").split("\t") != list(self.columns):
             raise ResumeMismatchError(f"{self.path}: header is not {' '.join(self.columns)}; delete it to start over")
-        return {int(line.split("\t", 1)[0]) for line in lines[1:] if line}
+        rows = RowChecker(self.path, self.columns, self.columns)
+        good = len(lines[0]) + 1
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                rows.check(line, number)
+            except DataError as exc:
+                if number == len(lines) and not tail:  # the last row: torn but ending in a newline
+                    break
+                raise ResumeMismatchError(f"{exc}; fix or delete that line, or delete the file to start over") from None
+            good += len(line) + 1
+        if good != len(raw):
+            try:
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(good)
+            except OSError as exc:
+                raise output_error(self.path, exc) from exc
+        return rows.seen
+
+    def _append(self, text: str) -> None:
+        """Write ``text`` completely (an unbuffered file may take it in several writes)."""
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[self._handle.write(data):]
+        except OSError as exc:
+            raise output_error(self.path, exc, kept="rows already written are kept; re-running resumes") from exc
 
     def write(self, row: dict) -> None:
-        self._handle.write("\t".join(format_value(row.get(c)) for c in self.columns) + "\n")
-        self._handle.flush()
+        self._append("\t".join(format_value(row.get(c)) for c in self.columns) + "\n")
         self.done.add(int(row["idx"]))
 
-    def close(self, **final) -> None:
-        self._handle.close()
-        self.metadata.update(final)
-        write_json_atomic(sidecar_path(self.path), self.metadata)
+    def close(self, *, after_error: bool = False, **final) -> None:
+        """Record ``final`` in the sidecar and release the lock. With ``after_error`` (the run is
+        failing already) a sidecar that cannot be written is left as it was, so the first error is
+        the one reported."""
+        try:
+            self._handle.close()
+            self.metadata.update(final)
+            write_json_atomic(sidecar_path(self.path), self.metadata)
+        except OutputError:
+            if not after_error:
+                raise
+        finally:
+            release_lock(self._lock)
 
 
 # --- reading and analysis ---
@@ -154,27 +319,15 @@ def read_results(path: str | os.PathLike) -> ResultTable:
     missing = [c for c in COHEN_COLUMNS[:5] if c not in header]
     if missing:
         raise DataError(f"{path}: not a results TSV (header lacks {missing}); expected columns {' '.join(COHEN_COLUMNS)}")
-    pos = {c: header.index(c) for c in header}
-    rows = [line.split("\t") for line in lines[1:] if line.strip()]
-    try:
-        idx = np.array([int(r[pos["idx"]]) for r in rows], dtype=np.int64)
-        label = np.array([int(r[pos["label"]]) for r in rows], dtype=np.int64)
-        predict = np.array([int(r[pos["predict"]]) for r in rows], dtype=np.int64)
-        radius = np.array([float(r[pos["radius"]]) for r in rows], dtype=np.float64)
-        correct = np.array([int(r[pos["correct"]]) for r in rows], dtype=np.int64)
-    except (ValueError, IndexError) as exc:
-        raise DataError(f"{path}: malformed row ({exc})") from None
-    if np.any((correct != 0) & (correct != 1)):
-        raise DataError(f"{path}: 'correct' must be 0 or 1 per row (a running total is a known bug of some scripts)")
-    expert = [r[pos["expert"]] for r in rows] if "expert" in pos else None
+    checker = RowChecker(path, header, COHEN_COLUMNS[:5])
+    rows = [checker.check(line, number) for number, line in enumerate(lines[1:], start=2) if line.strip()]
+    idx, label, predict, correct = (np.array([v[c] for _, v in rows], dtype=np.int64)
+                                    for c in ("idx", "label", "predict", "correct"))
+    radius = np.array([v["radius"] for _, v in rows], dtype=np.float64)
+    columns = {c: [cells[c] for cells, _ in rows] for c in header}
+    expert = columns.get("expert")
     side = sidecar_path(path)
-    metadata = {}
-    if side.is_file():
-        try:
-            metadata = json.loads(side.read_text())
-        except json.JSONDecodeError:
-            metadata = {}
-    columns = {c: [r[i] for r in rows] for c, i in pos.items()}
+    metadata = read_sidecar(side, DataError) if side.is_file() else {}
     return ResultTable(path.stem, idx, label, predict, radius, correct, metadata, expert, columns)
 
 

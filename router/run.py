@@ -19,7 +19,8 @@ from dualrs_route.experts.data import Dataset, check_images, select_indices
 from dualrs_route.experts.errors import DualRSError, IncompatibleModelsError
 from dualrs_route.experts.folders import ModelFolder, load_folder
 from dualrs_route.experts.smoothing import SmoothedClassifier
-from dualrs_route.experts.stats import ABSTAIN, check_alpha, check_count, check_sigma
+from dualrs_route.experts.engine import check_batch_memory
+from dualrs_route.experts.stats import ABSTAIN, check_alpha, check_budget, check_count, check_sigma
 
 from .cascade import DEFAULT_P0, CascadeCertifier, check_p0
 from .dual import DualCertifier, build_smoothed, check_expert_set, load_router_set, split_alpha
@@ -88,11 +89,15 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
              cascade_p0: float | None = None) -> RunPlan:
     """Validate options and load every model folder (no network weights yet, no output).
 
+    Budgets are capped up front: N, N0 and the router's at :data:`~dualrs_route.experts.stats.MAX_SAMPLES`
+    (10^9), ``batch`` so that one float32 noise buffer stays within
+    :data:`~dualrs_route.experts.engine.MAX_BATCH_BYTES` (4 GiB).
+
     ``select`` is None, "router", "best-radius" (an oracle) or "cascade" (Multiscale, with
     threshold ``cascade_p0``, default 0.5).
     """
-    n0 = check_count(n0, "--N0")
-    n = check_count(n, "--N")
+    n0 = check_budget(n0, "--N0")
+    n = check_budget(n, "--N")
     check_alpha(alpha, "--alpha")
     check_count(batch, "--batch")
     if seed < 0:
@@ -110,9 +115,10 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
             raise IncompatibleModelsError("--sigma overrides a single expert's noise; it cannot be used with --router")
         router_folder, expert_folders = _load_router_quietly(router)
         notes = check_expert_set(expert_folders, router_folder)
+        check_batch_memory(batch, router_folder.config.input_shape)
         a, b = split_alpha(alpha, alpha_router)
-        rn0 = check_count(router_n0 if router_n0 is not None else n0, "--router-N0")
-        rn = check_count(router_n if router_n is not None else n, "--router-N")
+        rn0 = check_budget(router_n0 if router_n0 is not None else n0, "--router-N0")
+        rn = check_budget(router_n if router_n is not None else n, "--router-N")
         return RunPlan("router", expert_folders, router_folder, n0, n, a, b, rn0, rn, seed, engine, precision, device,
                        batch, None, notes)
     if not experts:
@@ -121,6 +127,7 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
         raise IncompatibleModelsError("--alpha-router, --router-N0 and --router-N apply only with --router")
     folders = [load_folder(ref, expected_kind="expert") for ref in experts]
     check_expert_set(folders)
+    check_batch_memory(batch, folders[0].config.input_shape)
     if len(folders) > 1 and select not in ("best-radius", "cascade"):
         raise IncompatibleModelsError("several --expert options need --select best-radius (an oracle for analysis) "
                                       "or --select cascade (Multiscale), or use --router to route between them")
@@ -262,12 +269,14 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
     started = time.perf_counter()
     row_fn = runner.certify_row if task == "certify" else runner.predict_row
     iterator = progress(todo, len(todo)) if progress else todo
+    failed = True
     try:
         for i in iterator:
             writer.write(row_fn(dataset.image(i), int(dataset.labels[i]), i))
+        failed = False
     finally:
-        writer.close(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=len(writer.done) >= len(indices),
-                     last_session_seconds=round(time.perf_counter() - started, 3))
+        writer.close(after_error=failed, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     complete=len(writer.done) >= len(indices), last_session_seconds=round(time.perf_counter() - started, 3))
     return writer
 
 

@@ -11,7 +11,7 @@ import warnings
 
 import click
 
-from dualrs_route.experts.errors import DualRSError
+from dualrs_route.experts.errors import DualRSError, output_error
 
 
 def command_line() -> str:
@@ -34,7 +34,9 @@ def _fail(exc: Exception):
 
 
 class Group(click.Group):
-    """Turns library errors into clean messages (no tracebacks) for every sub-command."""
+    """Turns library errors into clean messages (no tracebacks) for every sub-command: a
+    :class:`DualRSError` or an OSError (disk full, read-only, ...) is one line and exit code 1,
+    a ValueError from a library check is a usage error (exit code 2)."""
 
     def invoke(self, ctx):
         if os.environ.get("DUALRS_ROUTE_DEBUG"):  # full tracebacks, for bug reports
@@ -50,6 +52,8 @@ class Group(click.Group):
             raise click.UsageError(str(exc)) from None
         except FileExistsError as exc:
             _fail(exc)
+        except OSError as exc:  # an output the library did not wrap (e.g. a model folder's mkdir)
+            _fail(output_error(exc.filename2 or exc.filename or "an output", exc))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -46,9 +46,10 @@ def _model_options(f):
                           "stages of --select cascade)."),
         click.option("--alpha-router", type=float, default=None,
                      help="Router's share beta of --alpha; the expert gets the rest."),
-        click.option("--router-N", "router_n", type=int, default=None, help="Router's N (default: --N)."),
+        click.option("--router-N", "router_n", type=int, default=None, help="Router's N (default: --N; at most 10^9)."),
         click.option("--batch", type=click.IntRange(min=1), default=400, show_default=True,
-                     help="Noisy samples per forward pass (does not change results)."),
+                     help="Noisy samples per forward pass (does not change results). At most 4 GiB of float32 noise "
+                          "(batch x C x H x W x 4 bytes)."),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
         click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True),
@@ -142,8 +143,9 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
 @click.option("--cascade-p0", "cascade_p0", type=float, default=None,
               help="Cascade threshold p0 in [0.5, 1) (default 0.5): a stage decides once its class's lower "
                    "bound reaches p0.")
-@click.option("--N0", "n0", type=int, default=100, show_default=True, help="Selection samples per stage.")
-@click.option("--N", "n", type=int, default=100_000, show_default=True, help="Estimation samples per stage.")
+@click.option("--N0", "n0", type=int, default=100, show_default=True, help="Selection samples per stage (at most 10^9).")
+@click.option("--N", "n", type=int, default=100_000, show_default=True,
+              help="Estimation samples per stage (at most 10^9).")
 @click.option("--router-N0", "router_n0", type=int, default=None, help="Router's N0 (default: --N0).")
 def certify(**options):
     """Certify examples with a router (Dual RS), a single expert (Cohen's CERTIFY) or a Multiscale cascade.
@@ -157,7 +159,7 @@ def certify(**options):
 
 @main.command()
 @_model_options
-@click.option("--N", "n", type=int, default=100_000, show_default=True, help="Samples per stage.")
+@click.option("--N", "n", type=int, default=100_000, show_default=True, help="Samples per stage (at most 10^9).")
 def predict(**options):
     """Cohen's PREDICT (abstains unless a binomial test separates the top two classes).
 

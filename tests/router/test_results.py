@@ -132,5 +132,5 @@ def test_read_results_errors(tmp_path):
         read_results(empty)
     bad = tmp_path / "bad.tsv"
     bad.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\tx\t0.1\t1\t0\n")
-    with pytest.raises(DataError, match="malformed"):
+    with pytest.raises(DataError, match="line 2: predict"):
         read_results(bad)
