@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,14 +121,23 @@ def _load_digits(split: str) -> Dataset:
 
 
 def _npz_arrays(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+    """Arrays ``x``, ``y`` (and ``classes``) of an npz file, never unpickling anything."""
+    try:
+        with open(path, "rb") as handle:
+            is_zip = handle.read(4) == b"PK\x03\x04"
+    except OSError as exc:
+        raise DataError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+    if not is_zip:  # np.load would try it as a pickle and suggest allow_pickle
+        raise DataError(f"{label}: {path} is not an npz file (a zip archive of .npy arrays, as numpy.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive or "y" not in archive:
                 raise DataError(f"{label}: npz must hold arrays 'x' and 'y', found {sorted(archive.files)}")
             x, y = archive["x"], archive["y"]
             classes = tuple(str(c) for c in archive["classes"]) if "classes" in archive else None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{label}: cannot read {path}: {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        detail = "it holds object arrays (pickles), which are not loaded" if "allow_pickle" in str(exc) else exc
+        raise DataError(f"{label}: cannot read {path}: {detail}") from None
     return x, y, classes
 
 
@@ -176,10 +186,33 @@ def _load_cifar10(data: Path, split: str) -> Dataset:
         raise DataError(f"cifar10: {data} holds neither cifar10_{split}.npz nor the cifar-10-batches-py files {names}")
     xs, ys = [], []
     for n in names:
-        try:
-            entry = _ArrayOnlyUnpickler(io.BytesIO((batches / n).read_bytes()), encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-            raise DataError(f"cifar10: {batches / n} is not a CIFAR batch file: {exc}") from None
-        xs.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(np.asarray(entry[b"labels"], dtype=np.int64))
+        x, y = _cifar_batch(batches / n)
+        xs.append(x)
+        ys.append(y)
     return Dataset("cifar10", split, np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys), CIFAR10_CLASSES)
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [n, 32, 32, 3] and labels of one ``cifar-10-batches-py`` file: a pickled dict
+    with b'data' (uint8 [n, 3072]) and b'labels' (n ints), read with :class:`_ArrayOnlyUnpickler`."""
+    def bad(why: str) -> DataError:
+        return DataError(f"cifar10: {path} is not a CIFAR batch file: {why}")
+
+    try:
+        entry = _ArrayOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError) as exc:
+        raise bad(str(exc) or type(exc).__name__) from None
+    if not isinstance(entry, dict) or b"data" not in entry or b"labels" not in entry:
+        found = sorted(map(repr, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise bad(f"expected a dict with b'data' and b'labels', found {found}")
+    try:
+        data = np.asarray(entry[b"data"])
+        labels = np.asarray(entry[b"labels"])
+    except (TypeError, ValueError) as exc:
+        raise bad(f"unreadable b'data' or b'labels' ({exc})") from None
+    if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.ndim != 1
+            or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer)):
+        raise bad(f"b'data' must be uint8 [n, 3072] and b'labels' n integers, got {data.dtype} {list(data.shape)} "
+                  f"and {labels.dtype} {list(labels.shape)}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int64)

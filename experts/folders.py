@@ -359,6 +359,34 @@ def load_folder(reference: str, *, base_dir: str | os.PathLike | None = None, ex
     return ModelFolder(reference=reference, path=path, config=config, revision=revision, files=files)
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+"""The folder that holds the bundled zoos (``experts/zoo``, ``router/zoo``): a built-in router's
+experts must lie inside it."""
+
+
+def check_listed_reference(router: ModelFolder, reference: str) -> None:
+    """Refuse an expert reference that a Hub or built-in router lists but that leaves its home.
+
+    ``hf://`` and ``builtin:`` references are always allowed. A path listed by a router from
+    the Hub must be relative and stay inside the router's snapshot; one listed by a built-in
+    router must stay inside the package (:data:`PACKAGE_ROOT`). The check is on the path's
+    text (no ``..`` may climb out), before anything is read. A local router is the user's own
+    folder: its relative paths resolve from the router's folder, wherever they lead."""
+    if reference.startswith((HUB_PREFIX, BUILTIN_PREFIX)):
+        return
+    if router.reference.startswith(HUB_PREFIX):
+        home, where = router.path, f"its Hub snapshot ({router.reference})"
+    elif router.reference.startswith(BUILTIN_PREFIX):
+        home, where = PACKAGE_ROOT, "the package"
+    else:
+        return
+    home = os.path.normpath(home)
+    target = os.path.normpath(os.path.join(router.path, reference))
+    if Path(reference).expanduser().is_absolute() or os.path.commonpath([target, home]) != home:
+        raise ModelFormatError(f"{router.reference}: expert reference {reference!r} points outside {where}; "
+                               "a router's experts must be hf:// or builtin: references or folders inside it")
+
+
 def save_folder(out_dir: str | os.PathLike, config: ModelConfig, model=None, *, overwrite: bool = False) -> Path:
     """Write ``config.json`` (+ ``model.safetensors`` from ``model``'s state dict) atomically.
 

@@ -41,14 +41,24 @@ def resume_checkpoint(path: Path, settings: dict, model, optimizer, scheduler, l
 
     if not path.is_file():
         return 0, []
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    corrupt = f"{path} is not a readable training checkpoint; delete it to train from the start"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for damaged files
+        raise DataError(f"{corrupt} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(state, dict):
+        raise DataError(corrupt)
     if state.get("settings") != settings:
         raise DataError(f"{path} was written with other settings ({state.get('settings')}); delete it or repeat them")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    log(f"resuming from {path} at epoch {int(state['epoch'])}")
-    return int(state["epoch"]), list(state["history"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        epoch, history = int(state["epoch"]), list(state["history"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{corrupt} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    log(f"resuming from {path} at epoch {epoch}")
+    return epoch, history
 
 
 def default_architecture(input_shape) -> tuple[str, dict]:

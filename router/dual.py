@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from dualrs_route.experts.errors import IncompatibleModelsError
-from dualrs_route.experts.folders import ModelFolder, load_folder
+from dualrs_route.experts.folders import ModelFolder, check_listed_reference, load_folder
 from dualrs_route.export.engines import make_counter
 from dualrs_route.experts.noise import Stage
 from dualrs_route.experts.smoothing import SmoothedClassifier
@@ -145,11 +145,14 @@ def check_expert_set(experts: Sequence[ModelFolder], router: ModelFolder | None 
 
 
 def load_router_set(reference: str) -> tuple[ModelFolder, list[ModelFolder]]:
-    """Load a router folder and every expert it lists (relative paths from the router's folder).
+    """Load a router folder and every expert it lists (relative paths from the router's folder; a
+    Hub router's paths must stay inside its snapshot, see :func:`check_listed_reference`).
 
     Validates the whole set before returning; warnings are emitted with :mod:`warnings`.
     """
     router = load_folder(reference, expected_kind="router")
+    for ref in router.config.experts:
+        check_listed_reference(router, ref)
     experts = [load_folder(ref, base_dir=router.path, expected_kind="expert") for ref in router.config.experts]
     for note in check_expert_set(experts, router):
         warnings.warn(note, stacklevel=2)

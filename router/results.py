@@ -9,12 +9,13 @@ Resume: re-running with the same ``--out`` validates every row, keeps the good o
 a torn or unparsable last row (a run killed mid-write), and continues with the next
 example; a bad row before the last is refused, naming its line. Settings that change
 results (models, data, budgets, alpha, seed, engine, precision) must match the sidecar,
-or the run is refused. A writer holds ``FILE.tsv.lock`` (flock) while it runs, so a
-second run on the same file is refused with the first one's PID.
+or the run is refused. A writer holds ``FILE.tsv.lock`` (flock; removed at the end) while it
+runs, so a second run on the same file is refused with the first one's PID.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -141,29 +142,45 @@ def lock_path(path: str | os.PathLike) -> Path:
 
 def acquire_lock(path: Path) -> int:
     """Take the exclusive lock of results file ``path`` (``fcntl.flock`` on ``PATH.lock``, which then
-    holds this process's PID) and return its descriptor; the OS releases it when the process ends,
-    however it ends (kill -9 included). A second writer gets :class:`LockedError` naming the holder."""
+    holds this process's PID) and return its descriptor. The OS releases the lock when the process
+    ends, however it ends (kill -9 included); a stale lock file is simply locked again. A second
+    writer gets :class:`LockedError` naming the holder's PID."""
     lock = lock_path(path)
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as exc:
-        raise output_error(lock, exc) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise output_error(lock, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{path} is being written by another process (PID {holder}, lock {lock.name}); "
+                              "wait for it to finish, stop it, or choose another --out") from None
+        if _same_file(fd, lock):  # not a lock file that its holder removed while we opened it
+            break
         os.close(fd)
-        raise LockedError(f"{path} is being written by another process (PID {holder}, lock {lock.name}); "
-                          "wait for it to finish, stop it, or choose another --out") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
-def release_lock(fd: int) -> None:
-    """Release a lock from :func:`acquire_lock` (the lock file stays; it is reused by the next run)."""
-    fcntl.flock(fd, fcntl.LOCK_UN)
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def release_lock(fd: int, path: Path) -> None:
+    """Remove ``PATH.lock`` and release the lock from :func:`acquire_lock` (removed while held, so a
+    waiting writer sees a new file and locks that one instead)."""
+    with contextlib.suppress(OSError):
+        os.unlink(lock_path(path))
     os.close(fd)
 
 
@@ -197,7 +214,7 @@ class ResultsWriter:
         try:
             self._open(json.loads(json.dumps(settings, default=str)), metadata)
         except BaseException:
-            release_lock(self._lock)
+            release_lock(self._lock, self.path)
             raise
 
     def _open(self, settings: dict, metadata: dict) -> None:
@@ -281,7 +298,7 @@ class ResultsWriter:
             if not after_error:
                 raise
         finally:
-            release_lock(self._lock)
+            release_lock(self._lock, self.path)
 
 
 # --- reading and analysis ---

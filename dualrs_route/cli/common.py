@@ -65,8 +65,8 @@ def parse_radii(value: str) -> tuple[float, ...]:
         radii = tuple(float(v) for v in value.replace(" ", ",").split(",") if v)
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-    if not radii or any(r < 0 for r in radii):
-        raise click.BadParameter("radii must be >= 0")
+    if not radii or not all(math.isfinite(r) and r >= 0 for r in radii):
+        raise click.BadParameter(f"radii must be finite numbers >= 0, got {value!r}")
     return radii
 
 
