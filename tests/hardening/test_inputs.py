@@ -51,20 +51,20 @@ def test_train_expert_refuses_bad_architecture_args(tmp_path):
 
 
 NOT_NPZ = {
-    "text": b"x,y\n0.1,3\n",
-    "binary": bytes(range(256)),
-    "truncated zip": b"PK\x03\x04" + b"\0" * 40,
-    "empty": b"",
+    "text": (b"x,y\n0.1,3\n", "is not an npz file"),
+    "binary": (bytes(range(256)), "is not an npz file"),
+    "empty": (b"", "is not an npz file"),
+    "truncated zip": (b"PK\x03\x04" + b"\0" * 40, "cannot read"),
 }
 
 
-@pytest.mark.parametrize("content", NOT_NPZ.values(), ids=NOT_NPZ.keys())
-def test_npz_that_is_not_a_zip(cli_expert, tmp_path, content):
+@pytest.mark.parametrize("content, mentions", NOT_NPZ.values(), ids=NOT_NPZ.keys())
+def test_npz_that_is_not_a_zip(cli_expert, tmp_path, content, mentions):
     folder, _, _, _ = cli_expert
     path = tmp_path / "fake.npz"
     path.write_bytes(content)
     line = one_error_line(invoke(*certify_args(folder, path, tmp_path / "r.tsv")), mentions=str(path))
-    assert "allow_pickle" not in line and "pickle" not in line.replace("pickles", "")
+    assert mentions in line and "pickle" not in line
 
 
 def test_npz_with_object_arrays_is_refused_without_the_allow_pickle_hint(tmp_path):

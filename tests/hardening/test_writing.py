@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dualrs_route.router.results import RowChecker, lock_path, sidecar_path
+from dualrs_route.experts.errors import OutputError
+from dualrs_route.router.results import ResultsWriter, RowChecker, lock_path, sidecar_path
 from hostile import certify_args, invoke, one_error_line, rows_without_time, start_writer
 from rs_oracle import write_linear_folder
 
@@ -146,6 +147,8 @@ def test_sidecar_path_that_is_a_folder_is_one_line_and_leaves_no_temporary_file(
     line = one_error_line(invoke(*certify_args(folder, data, out)), mentions="folder")
     assert str(sidecar_path(out)) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.tsv.json", "data.npz", "lin3"])
+    with pytest.raises(OutputError, match=f"cannot write {sidecar_path(out)}: .*it is a folder"):
+        ResultsWriter(out, settings={}, metadata={})  # the library's own error, not only the CLI's
 
 
 # --- case 10: no fixed temporary name ---
