@@ -115,8 +115,8 @@ def check_batch_memory(batch: int, input_shape, name: str = "--batch") -> int:
     per_input = 4 * math.prod(int(d) for d in input_shape)
     batch = check_count(batch, name)
     if batch * per_input > MAX_BATCH_BYTES:
-        raise ValueError(f"{name} {batch:,} needs a {batch * per_input / 2**30:.1f} GiB noise buffer for inputs of shape "
-                         f"{list(input_shape)}; the limit is {MAX_BATCH_BYTES // 2**30} GiB, i.e. {name} <= "
+        raise ValueError(f"{name} {batch:,} needs a {batch * per_input / 2**30:.1f} GiB noise buffer for inputs of "
+                         f"shape {list(input_shape)}; the limit is {MAX_BATCH_BYTES // 2**30} GiB, i.e. {name} <= "
                          f"{MAX_BATCH_BYTES // per_input:,}")
     return batch
 

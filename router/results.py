@@ -27,7 +27,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from dualrs_route.experts.atomic import atomic_write_json
-from dualrs_route.experts.errors import DataError, DualRSError, LockedError, OutputError, ResumeMismatchError, output_error
+from dualrs_route.experts.errors import (DataError, DualRSError, LockedError, OutputError, ResumeMismatchError,
+                                        output_error)
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 ROUTING_COLUMNS = ("expert", "sigma", "radius_router", "radius_expert", "p_router_lower", "p_expert_lower",

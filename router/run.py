@@ -276,7 +276,8 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
         failed = False
     finally:
         writer.close(after_error=failed, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                     complete=len(writer.done) >= len(indices), last_session_seconds=round(time.perf_counter() - started, 3))
+                     complete=len(writer.done) >= len(indices),
+                     last_session_seconds=round(time.perf_counter() - started, 3))
     return writer
 
 

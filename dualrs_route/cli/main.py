@@ -143,7 +143,8 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
 @click.option("--cascade-p0", "cascade_p0", type=float, default=None,
               help="Cascade threshold p0 in [0.5, 1) (default 0.5): a stage decides once its class's lower "
                    "bound reaches p0.")
-@click.option("--N0", "n0", type=int, default=100, show_default=True, help="Selection samples per stage (at most 10^9).")
+@click.option("--N0", "n0", type=int, default=100, show_default=True,
+              help="Selection samples per stage (at most 10^9).")
 @click.option("--N", "n", type=int, default=100_000, show_default=True,
               help="Estimation samples per stage (at most 10^9).")
 @click.option("--router-N0", "router_n0", type=int, default=None, help="Router's N0 (default: --N0).")
