@@ -69,6 +69,7 @@ _OUTPUT_ADVICE = {
     "EPERM": "permission denied: choose a location you may write to, or fix its permissions",
     "EISDIR": "it is a folder: give a file name, or move the folder away",
     "ENOTDIR": "a part of the path is a file, not a folder: choose another location",
+    "ELOOP": "it is a symbolic link, which is never followed: remove it",
 }
 
 

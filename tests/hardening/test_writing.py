@@ -67,7 +67,8 @@ def test_lock_file_that_is_a_symlink_is_refused(cli_expert, tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("keep")
     lock_path(out).symlink_to(victim)
-    one_error_line(invoke(*certify_args(folder, data, out)), mentions=str(lock_path(out)))
+    line = one_error_line(invoke(*certify_args(folder, data, out)), mentions=str(lock_path(out)))
+    assert "symbolic link" in line
     assert victim.read_text() == "keep" and not out.exists()
 
 
