@@ -131,7 +131,9 @@ def test_failed_write_keeps_the_old_image_and_leaves_no_temp_file(tmp_path, monk
         raise OSError("disk full")
 
     monkeypatch.setattr(Figure, "savefig", broken)
-    with pytest.raises(OSError, match="disk full"):
+    from dualrs_route.experts.errors import OutputError
+
+    with pytest.raises(OutputError, match=f"cannot write {out}: disk full"):  # one line naming the image
         plot_tables(load_tables([str(a), str(b)]), out)
     assert out.read_bytes() == b"old image"
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"]
