@@ -378,10 +378,8 @@ def write_composed_results(out: str | os.PathLike, scores: RouterScores, result:
 
     out = Path(out)
     for path in (out, Path(str(out) + ".json")):
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{path} exists; pass --force to replace it")
-            path.unlink()
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass --force to replace it")
     models = [router.provenance()] + [f.provenance() for f in experts]
     settings = {
         "command": "compose", "mode": "router", "dataset": scores.meta.get("dataset"),
@@ -399,7 +397,7 @@ def write_composed_results(out: str | os.PathLike, scores: RouterScores, result:
                               f"(router beta = {beta:g} + expert alpha = {alpha:g}, union bound)"),
                 "notes": ["composed by `dualrs-route compose` from stored router scores and the experts' own "
                           "certificates with the same seed: the rows dual CERTIFY gives with these noise streams"]}
-    writer = ResultsWriter(out, settings=settings, metadata=metadata, columns=COLUMNS)
+    writer = ResultsWriter(out, settings=settings, metadata=metadata, columns=COLUMNS, replace=True)
     names = [f.name for f in experts]
     for i in range(len(scores.idx)):
         k = int(result["expert"][i])

@@ -207,12 +207,17 @@ class ResultsWriter:
     :class:`OutputError` and leaves at most a torn last line, which a resume drops.
     """
 
-    def __init__(self, path: str | os.PathLike, *, settings: dict, metadata: dict, columns: Sequence[str] = COLUMNS):
+    def __init__(self, path: str | os.PathLike, *, settings: dict, metadata: dict, columns: Sequence[str] = COLUMNS,
+                 replace: bool = False):
+        """``replace``: remove an existing file and its sidecar (under the lock) and start afresh."""
         self.path = Path(path)
         self.columns = tuple(columns)
         self.done: set[int] = set()
         self._lock = acquire_lock(self.path)
         try:
+            if replace:
+                for old in (self.path, sidecar_path(self.path)):
+                    old.unlink(missing_ok=True)
             self._open(json.loads(json.dumps(settings, default=str)), metadata)
         except BaseException:
             release_lock(self._lock, self.path)

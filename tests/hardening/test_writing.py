@@ -190,3 +190,20 @@ def test_resumed_history_keeps_killed_runs(cli_expert, tmp_path):
     reference = tmp_path / "reference.tsv"
     assert invoke(*certify_args(folder, data, reference)).exit_code == 0
     assert rows_without_time(out) == rows_without_time(reference)
+
+
+def test_replacing_writer_compose_force_never_removes_a_file_another_run_is_writing(cli_expert, tmp_path):
+    """``compose --force`` replaces its --out through ResultsWriter(replace=True): the lock comes first."""
+    from dualrs_route.experts.errors import LockedError
+
+    folder, data, _, _ = cli_expert
+    out = tmp_path / "r.tsv"
+    holder = start_writer(certify_args(folder, data, out), rows=2, after="pause")
+    try:
+        assert holder.stdout.readline().strip() == "paused", holder.stderr.read()
+        before = out.read_bytes(), sidecar_path(out).read_bytes()
+        with pytest.raises(LockedError, match=f"PID {holder.pid}"):
+            ResultsWriter(out, settings={}, metadata={}, replace=True)
+        assert (out.read_bytes(), sidecar_path(out).read_bytes()) == before
+    finally:
+        stop(holder)
