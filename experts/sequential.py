@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from scipy.stats import norm as _norm
+from scipy.special import ndtr
 
 from .stats import (
     ABSTAIN,
@@ -160,6 +160,7 @@ class SequentialCertificate(Certificate):
     stop: str = STOP_CAP
 
 
+@lru_cache(maxsize=1 << 16)
 def _radius(sigma: float, p_lower: float) -> float | None:
     """Certified radius of a lower bound, or None below 1/2 (abstain)."""
     return certified_radius(sigma, p_lower) if p_lower >= 0.5 else None
@@ -172,7 +173,7 @@ def stop_rule(*, sigma: float, best: float, upper: float, reach: float, last: bo
     look's lower bound if every remaining sample were a hit."""
     target = policy.target_radius
     radius, reach_radius = _radius(sigma, best), _radius(sigma, reach)
-    threshold = 0.5 if target is None else max(0.5, float(_norm.cdf(target / sigma)))
+    threshold = 0.5 if target is None else max(0.5, float(ndtr(target / sigma)))
     if target is not None and radius is not None and radius >= target:
         return STOP_TARGET
     if upper < threshold:
