@@ -35,13 +35,15 @@ would halve the lower bound's level for a claim the certificate never makes.
 
 **Stop rules** (checked at every look, first match wins; :data:`STOP_RULES`):
 
-* ``target``: a target radius R is set and the certified radius has reached it;
+* ``target``: the certified radius has reached the target radius R, or the policy's
+  ``enough_radius`` (beyond which no radius is worth anything; min-aware dual);
 * ``futile``: UB_j is below 1/2, or below Phi(R / sigma) with a target R: no further sample can
   certify (at R) with the guarantee above;
 * ``unreachable``: even if every remaining sample up to the cap were a hit, the lower bound at the
   final look could not certify (reach R, with a target) nor beat the current bound;
-* ``tolerance`` (no target only): the reachable radius at the cap is within ``radius_tol`` of the
-  current radius, so stopping loses at most ``radius_tol`` of radius against running to the cap;
+* ``tolerance`` (no target only): the reachable radius at the cap (at most ``enough_radius``) is
+  within ``radius_tol`` of the current radius, so stopping loses at most ``radius_tol`` of radius
+  against running to the cap;
 * ``cap``: the last look.
 
 The reachable bound is the final look's lower bound with every remaining sample a hit. With equal
@@ -132,22 +134,35 @@ def union_bound_schedule(cap: int, alpha: float, first: int = DEFAULT_FIRST_LOOK
 
 @dataclass(frozen=True)
 class StopPolicy:
-    """What answer matters: a target radius (the decision "certified at R?"), or the radius up to ``radius_tol``."""
+    """What answer matters.
+
+    ``target_radius`` R: the decision "certified at R?" (stop once decided either way). Without it,
+    the radius itself, up to ``radius_tol``. ``enough_radius``: any radius beyond it is worth nothing
+    (min-aware dual: the other stage caps the final min); the run stops once it is reached, and
+    otherwise keeps improving the radius as without a target."""
 
     target_radius: float | None = None
     radius_tol: float = DEFAULT_RADIUS_TOL
+    enough_radius: float | None = None
 
     def __post_init__(self):
-        for name, value in (("target radius", self.target_radius), ("radius tolerance", self.radius_tol)):
+        for name, value in (("target radius", self.target_radius), ("radius tolerance", self.radius_tol),
+                            ("enough radius", self.enough_radius)):
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
-    def with_target(self, radius: float | None) -> "StopPolicy":
-        """This policy with the target lowered to ``radius`` (None: unchanged); ``inf`` means no target."""
-        if radius is None or math.isinf(radius):
-            return self
-        target = radius if self.target_radius is None else min(radius, self.target_radius)
-        return StopPolicy(max(target, 0.0), self.radius_tol)
+    def within(self, radius: float) -> "StopPolicy":
+        """This policy for a stage whose radius matters only up to ``radius`` (a target above it is lowered to it)."""
+        radius = max(float(radius), 0.0)
+        lower = lambda value: radius if value is None else min(value, radius)  # noqa: E731
+        target = None if self.target_radius is None else lower(self.target_radius)
+        return StopPolicy(target, self.radius_tol, lower(self.enough_radius))
+
+    @property
+    def stop_radius(self) -> float | None:
+        """The radius at which the run stops as soon as it is certified (target or enough, the smaller)."""
+        values = [v for v in (self.target_radius, self.enough_radius) if v is not None]
+        return min(values) if values else None
 
 
 @dataclass(frozen=True)
@@ -171,10 +186,10 @@ def stop_rule(*, sigma: float, best: float, upper: float, reach: float, last: bo
 
     ``best`` is the best lower bound so far, ``upper`` this look's upper bound, ``reach`` the final
     look's lower bound if every remaining sample were a hit."""
-    target = policy.target_radius
+    target, enough = policy.target_radius, policy.stop_radius
     radius, reach_radius = _radius(sigma, best), _radius(sigma, reach)
     threshold = 0.5 if target is None else max(0.5, float(ndtr(target / sigma)))
-    if target is not None and radius is not None and radius >= target:
+    if enough is not None and radius is not None and radius >= enough:
         return STOP_TARGET
     if upper < threshold:
         return STOP_FUTILE
@@ -182,7 +197,8 @@ def stop_rule(*, sigma: float, best: float, upper: float, reach: float, last: bo
         return STOP_CAP
     if reach_radius is None or reach <= best or (target is not None and reach_radius < target):
         return STOP_UNREACHABLE
-    if target is None and radius is not None and reach_radius <= radius + policy.radius_tol:
+    worth = reach_radius if enough is None else min(reach_radius, enough)
+    if target is None and radius is not None and worth <= radius + policy.radius_tol:
         return STOP_TOLERANCE
     return None
 

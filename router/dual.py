@@ -58,7 +58,9 @@ def min_aware_certify(router_guess: int, route: Callable[[StopPolicy], Sequentia
     runs expert k's sequential CERTIFY (selection and estimation); ``expert_reach[k]`` is the largest
     radius expert k can certify within its cap (:meth:`Schedule.max_radius`). The router stage stops
     once R_sigma reaches ``expert_reach[router_guess]`` (more of R_sigma cannot raise the min); the
-    expert stage stops once R_c reaches R_sigma. A ``policy`` target radius lowers both targets.
+    expert stage stops once R_c reaches R_sigma (:meth:`StopPolicy.within`). Short of those radii each
+    stage keeps improving its radius by its own stop rules. A ``policy`` target radius R is lowered to
+    those radii for each stage (the final min cannot be certified beyond them).
 
     Guarantee: with probability >= 1 - alpha - beta the result's class is predicted by the routed
     smoothed classifier on the whole ball of the returned radius min(R_sigma, R_c). Proof: the router's
@@ -69,11 +71,11 @@ def min_aware_certify(router_guess: int, route: Callable[[StopPolicy], Sequentia
     unconditionally. A union bound over the two stages gives alpha + beta; the stopping rules only
     decide how many samples are drawn. (The stages never share noisy inputs here.)
     """
-    routed = route(policy.with_target(expert_reach[router_guess]))
+    routed = route(policy.within(expert_reach[router_guess]))
     if routed.abstained:
         return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None)
     k = routed.prediction
-    result = expert(k, policy.with_target(routed.radius))
+    result = expert(k, policy.within(routed.radius))
     if result.abstained:
         return RoutedCertificate(ABSTAIN, 0.0, k, routed, result)
     return RoutedCertificate(result.prediction, min(routed.radius, result.radius), k, routed, result)

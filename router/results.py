@@ -29,6 +29,10 @@ COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 ROUTING_COLUMNS = ("expert", "sigma", "radius_router", "radius_expert", "p_router_lower", "p_expert_lower",
                    "n_router", "n_expert")
 COLUMNS = COHEN_COLUMNS + ROUTING_COLUMNS
+SEQUENTIAL_COLUMNS = COLUMNS + ("n_used", "n_router_used", "n_expert_used", "stop")
+"""Rows of ``certify --sequential``/``--target-radius``: ``n_used`` is every noisy sample the row drew
+(selection and estimation, router and expert); ``n_router_used``/``n_expert_used`` each stage's
+estimation samples; ``stop`` the stop rule of each stage (``router/expert`` with a router)."""
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
@@ -189,7 +193,9 @@ def summarize(table: ResultTable, radii: Sequence[float] = DEFAULT_RADII) -> dic
     """Certified accuracy per radius, abstain rate and ACR (mean of radius * correct)."""
     n = len(table.idx)
     finite = np.where(np.isfinite(table.radius), table.radius, 0.0)
+    used = table.columns.get("n_used")
     return {
+        "samples_per_row": float(np.mean([float(v) for v in used])) if used and n else None,
         "name": table.name,
         "mode": table.mode,
         "count": n,
@@ -296,6 +302,8 @@ def report_from_tables(tables: Sequence[ResultTable], radii: Sequence[float] = D
                 notes.append(f"{s['name']} captures {100 * captured[s['name']]:.0f}% of the oracle's ACR gain over the "
                              f"best single expert ({s['acr']:.3f} vs {envelope['acr']:.3f}; oracle {oracle_row['acr']:.3f})")
     for s, t in zip(summaries, tables):
+        if s["samples_per_row"] is not None:
+            notes.append(f"{s['name']} (sequential) drew {s['samples_per_row']:.0f} noisy samples per row on average")
         if t.mode == "best-radius":
             notes.append(f"{s['name']} used --select best-radius: an oracle, not a certificate")
     markdown = format_markdown(summaries + extra, radii)

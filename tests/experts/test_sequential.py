@@ -219,6 +219,26 @@ def test_stop_rule_each_branch():
     assert stop_rule(best=0.7, upper=0.85, reach=near, **target) is None  # no tolerance rule with a target
 
 
+def test_enough_radius_stops_once_reached_and_otherwise_keeps_improving():
+    s, r = SIGMA, SIGMA * norm.ppf(0.8)
+    enough = dict(sigma=s, last=False, policy=StopPolicy(enough_radius=r))
+    assert stop_rule(best=0.8, upper=0.85, reach=0.9, **enough) == STOP_TARGET
+    # short of it, an out-of-reach "enough" is not a decision: the run goes on (unlike a target)
+    assert stop_rule(best=0.7, upper=0.85, reach=0.79, **enough) is None
+    assert stop_rule(best=0.7, upper=0.85, reach=0.79, sigma=s, last=False,
+                     policy=StopPolicy(target_radius=r)) == STOP_UNREACHABLE
+    # the tolerance rule compares with min(reach, enough)
+    just_below = float(norm.cdf((r - 0.03) / s))
+    assert stop_rule(best=just_below, upper=0.85, reach=0.99, **enough) == STOP_TOLERANCE
+
+
+def test_policy_within_lowers_target_and_enough():
+    assert StopPolicy().within(0.4) == StopPolicy(None, 0.05, 0.4)
+    assert StopPolicy(target_radius=0.5).within(0.4) == StopPolicy(0.4, 0.05, 0.4)
+    assert StopPolicy(target_radius=0.3, enough_radius=0.2).within(0.4) == StopPolicy(0.3, 0.05, 0.2)
+    assert StopPolicy(target_radius=0.3, enough_radius=0.2).stop_radius == 0.2
+
+
 def test_reported_bound_is_the_best_over_looks_and_never_above_the_last_look_alone():
     rng = np.random.default_rng(4)
     for _ in range(50):
