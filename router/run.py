@@ -45,21 +45,28 @@ class SequentialOptions:
 
     def settings(self) -> dict:
         return {"first_look": self.first_look, "target_radius": self.policy.target_radius,
-                "radius_tol": self.policy.radius_tol, "alpha_split": "alpha / looks, per stage (union bound)"}
+                "radius_tol": self.policy.radius_tol, "radius_grid": self.policy.radius_grid,
+                "max_radius": self.policy.enough_radius,
+                "alpha_split": "alpha / looks, per stage (union bound)"}
 
 
 def sequential_options(sequential: bool, target_radius: float | None, radius_tol: float | None,
-                       first_look: int | None) -> SequentialOptions | None:
+                       first_look: int | None, radius_grid: float | None = None,
+                       max_radius: float | None = None) -> SequentialOptions | None:
     """Validate the sequential options; ``target_radius`` implies sequential. None for a fixed-N run."""
     if not (sequential or target_radius is not None):
-        if radius_tol is not None or first_look is not None:
-            raise IncompatibleModelsError("--radius-tol and --first-look apply only with --sequential or --target-radius")
+        if any(v is not None for v in (radius_tol, first_look, radius_grid, max_radius)):
+            raise IncompatibleModelsError("--radius-tol, --radius-grid, --max-radius and --first-look apply only "
+                                          "with --sequential or --target-radius")
         return None
+    if radius_tol is not None and radius_grid is not None:
+        raise IncompatibleModelsError("pass --radius-tol or --radius-grid, not both")
     first = check_count(DEFAULT_FIRST_LOOK if first_look is None else first_look, "--first-look")
     try:
-        policy = StopPolicy(target_radius, DEFAULT_RADIUS_TOL if radius_tol is None else float(radius_tol))
+        policy = StopPolicy(target_radius, DEFAULT_RADIUS_TOL if radius_tol is None else float(radius_tol),
+                            enough_radius=max_radius, radius_grid=radius_grid)
     except ValueError as exc:
-        raise IncompatibleModelsError(f"--target-radius/--radius-tol: {exc}") from None
+        raise IncompatibleModelsError(f"--target-radius/--radius-tol/--radius-grid/--max-radius: {exc}") from None
     return SequentialOptions(first, policy)
 
 
@@ -118,14 +125,15 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
              router_n: int | None = None, seed: int = 0, engine: str = "auto", precision: str = "fp32",
              device: str = "cpu", batch: int = 400, sigma: float | None = None,
              cascade_p0: float | None = None, sequential: bool = False, target_radius: float | None = None,
-             radius_tol: float | None = None, first_look: int | None = None) -> RunPlan:
+             radius_tol: float | None = None, first_look: int | None = None,
+             radius_grid: float | None = None, max_radius: float | None = None) -> RunPlan:
     """Validate options and load every model folder (no network weights yet, no output).
 
     ``select`` is None, "router", "best-radius" (an oracle) or "cascade" (Multiscale, with
     threshold ``cascade_p0``, default 0.5). ``sequential`` (implied by ``target_radius``) makes ``n``
     and ``router_n`` caps of sequential CERTIFY (single expert) or min-aware dual CERTIFY (router).
     """
-    seq = sequential_options(sequential, target_radius, radius_tol, first_look)
+    seq = sequential_options(sequential, target_radius, radius_tol, first_look, radius_grid, max_radius)
     if seq is not None and select in ("best-radius", "cascade"):
         raise IncompatibleModelsError(f"--sequential/--target-radius support a single --expert or --router, "
                                       f"not --select {select}")

@@ -24,7 +24,9 @@ from dualrs_route.experts.engine import TorchCounter
 from dualrs_route.experts.noise import NoiseKey, Stage
 from dualrs_route.experts.sequential import (
     STOP_CAP,
+    DEFAULT_RADIUS_TOL,
     STOP_FUTILE,
+    STOP_GRID,
     STOP_TARGET,
     STOP_TOLERANCE,
     STOP_UNREACHABLE,
@@ -201,11 +203,12 @@ def test_out_of_reach_target_stops_early():
 
 def test_stop_rule_each_branch():
     s = SIGMA
-    base = dict(sigma=s, last=False, policy=StopPolicy())
+    base = dict(sigma=s, last=False, policy=StopPolicy(radius_tol=0.05))
     assert stop_rule(best=0.3, upper=0.45, reach=0.9, **base) == STOP_FUTILE
     assert stop_rule(best=0.3, upper=0.6, reach=0.45, **base) == STOP_UNREACHABLE
     assert stop_rule(best=0.3, upper=0.6, reach=0.9, **base) is None
     assert stop_rule(best=0.3, upper=0.6, reach=0.9, sigma=s, last=True, policy=StopPolicy()) == STOP_CAP
+    assert stop_rule(best=0.8, upper=0.85, reach=0.9, sigma=s, last=True, policy=StopPolicy()) == STOP_CAP
     # tolerance: reach radius within radius_tol of the current radius
     r = s * norm.ppf(0.8)
     near = float(norm.cdf((r + 0.04) / s))
@@ -229,13 +232,52 @@ def test_enough_radius_stops_once_reached_and_otherwise_keeps_improving():
                      policy=StopPolicy(target_radius=r)) == STOP_UNREACHABLE
     # the tolerance rule compares with min(reach, enough)
     just_below = float(norm.cdf((r - 0.03) / s))
-    assert stop_rule(best=just_below, upper=0.85, reach=0.99, **enough) == STOP_TOLERANCE
+    assert stop_rule(best=just_below, upper=0.85, reach=0.99, sigma=s, last=False,
+                     policy=StopPolicy(radius_tol=0.05, enough_radius=r)) == STOP_TOLERANCE
+
+
+def at(radius: float) -> float:
+    return float(norm.cdf(radius / SIGMA))
+
+
+def test_grid_rule_stops_only_when_no_grid_point_is_left_to_reach():
+    grid = dict(sigma=SIGMA, last=False, policy=StopPolicy(radius_grid=0.25))
+    up = 0.9999
+    assert stop_rule(best=at(0.30), upper=up, reach=at(0.49), **grid) == STOP_GRID
+    assert stop_rule(best=at(0.30), upper=up, reach=at(0.51), **grid) is None
+    assert stop_rule(best=at(0.24), upper=up, reach=at(0.26), **grid) is None  # 0.25 still reachable
+    assert stop_rule(best=at(0.10), upper=up, reach=at(0.20), **grid) == STOP_GRID  # keeps r = 0 only
+    assert stop_rule(best=0.3, upper=up, reach=at(0.20), **grid) is None  # not certified yet: r = 0 is at stake
+    # the upper bound says the next grid point is out of reach
+    assert stop_rule(best=at(0.30), upper=at(0.49), reach=at(0.9), **grid) == STOP_GRID
+    assert stop_rule(best=at(0.30), upper=at(0.51), reach=at(0.9), **grid) is None
+    capped = dict(sigma=SIGMA, last=False, policy=StopPolicy(radius_grid=0.25, enough_radius=0.4))
+    assert stop_rule(best=at(0.30), upper=0.99, reach=at(0.9), **capped) == STOP_GRID
+    with pytest.raises(ValueError):
+        StopPolicy(radius_grid=0.0)
+
+
+# p1 = 0.69 puts the exact radius (0.248) just below the grid point 0.25, 0.9 well between points
+@pytest.mark.parametrize("p1", (0.69, 0.9, 0.999))
+def test_grid_rule_loses_a_grid_certificate_with_probability_at_most_two_alpha(p1):
+    # Coupled runs: the same seeded draws, so the grid-stopped run sees a prefix of the full run's rounds.
+    step, trials, lost, saved = 0.25, 600, 0, []
+    for seed in range(trials):
+        full = simulate_single(p1, sound(), StopPolicy(radius_tol=0.0), np.random.default_rng(seed))
+        grid = simulate_single(p1, sound(), StopPolicy(radius_grid=step), np.random.default_rng(seed))
+        assert full.abstained == grid.abstained and grid.radius <= full.radius and grid.n <= full.n
+        lost += math.floor(full.radius / step) != math.floor(grid.radius / step)
+        saved.append(full.n - grid.n)
+    assert lost / trials <= allowed(2 * ALPHA, trials)
+    assert np.mean(saved) > 0
 
 
 def test_policy_within_lowers_target_and_enough():
-    assert StopPolicy().within(0.4) == StopPolicy(None, 0.05, 0.4)
-    assert StopPolicy(target_radius=0.5).within(0.4) == StopPolicy(0.4, 0.05, 0.4)
-    assert StopPolicy(target_radius=0.3, enough_radius=0.2).within(0.4) == StopPolicy(0.3, 0.05, 0.2)
+    tol = DEFAULT_RADIUS_TOL
+    assert StopPolicy().within(0.4) == StopPolicy(None, tol, 0.4)
+    assert StopPolicy(target_radius=0.5).within(0.4) == StopPolicy(0.4, tol, 0.4)
+    assert StopPolicy(target_radius=0.3, enough_radius=0.2).within(0.4) == StopPolicy(0.3, tol, 0.2)
+    assert StopPolicy(radius_grid=0.25).within(0.4).radius_grid == 0.25
     assert StopPolicy(target_radius=0.3, enough_radius=0.2).stop_radius == 0.2
 
 

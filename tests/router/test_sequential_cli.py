@@ -80,6 +80,18 @@ def test_target_radius_rows_do_not_depend_on_batch_size_and_resume(cli_expert, t
     assert result.exit_code == 1 and "other settings" in result.output
 
 
+def test_grid_and_max_radius_runs_record_their_settings(cli_expert, tmp_path):
+    folder, data, _, _ = cli_expert
+    out = tmp_path / "grid.tsv"
+    result = invoke(*args(folder, data, out, "--sequential", "--radius-grid", 0.1, "--max-radius", 0.3))
+    assert result.exit_code == 0, result.output
+    rows = rows_of(out)
+    assert all(r["stop"] in STOP_RULES for r in rows) and any(r["stop"] in ("grid", "target") for r in rows)
+    assert all(r["stop"] != "target" or float(r["radius"]) >= 0.3 for r in rows)
+    seq = json.loads(Path(str(out) + ".json").read_text())["settings"]["sequential"]
+    assert (seq["radius_grid"], seq["max_radius"]) == (0.1, 0.3)
+
+
 def test_min_aware_router_rows(tmp_path, cli_expert):
     folder, data, weight, bias = cli_expert
     write_linear_folder(tmp_path / "lin3b", weight=weight[::-1].copy(), bias=bias, sigma=0.5, input_shape=(1, 4, 4))
@@ -106,6 +118,10 @@ def test_min_aware_router_rows(tmp_path, cli_expert):
     (("--sequential", "--radius-tol", -1), "radius"),
     (("--target-radius", -0.5), "radius"),
     (("--sequential", "--select", "cascade"), "cascade"),
+    (("--radius-grid", 0.25), "--sequential"),
+    (("--max-radius", 1.0), "--sequential"),
+    (("--sequential", "--radius-grid", 0.25, "--radius-tol", 0.01), "not both"),
+    (("--sequential", "--radius-grid", 0), "grid"),
 ])
 def test_bad_sequential_options_fail_cleanly(cli_expert, tmp_path, extra, mentions):
     folder, data, _, _ = cli_expert
