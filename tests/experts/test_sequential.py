@@ -346,6 +346,32 @@ def test_sequential_rows_do_not_depend_on_batch_size():
     assert results[0].count == fixed[guess]
 
 
+class SpyCounter:
+    """Wraps a counter and records the (start, n) of every estimation request."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.num_classes = inner, [], inner.num_classes
+
+    def counts(self, x, sigma, n, *, key, start=0):
+        if key.stage == Stage.EXPERT_ESTIMATE:
+            self.calls.append((start, n))
+        return self.inner.counts(x, sigma, n, key=key, start=start)
+
+
+def test_rounds_are_the_next_blocks_of_one_stream():
+    x = np.random.default_rng(9).uniform(size=SHAPE).astype(np.float32)
+    spy = SpyCounter(smoothed(batch_size=64).counter)
+    clf = SmoothedClassifier(spy, 0.5)
+    c = clf.certify_sequential(x, n0=100, schedule=union_bound_schedule(1600, 0.05, first=100),
+                               policy=StopPolicy(radius_tol=0.0), seed=3, index=1)
+    assert c.looks >= 2, c  # several rounds, or the test proves nothing
+    starts = [s for s, _ in spy.calls]
+    assert starts[0] == 0 and all(a + n == b for (a, n), b in zip(spy.calls, starts[1:]))
+    assert sum(n for _, n in spy.calls) == c.n
+    fixed = smoothed().counter.counts(x, 0.5, c.n, key=NoiseKey(3, 1, Stage.EXPERT_ESTIMATE))
+    assert c.count == fixed[clf.select(x, n0=100, seed=3, index=1)]
+
+
 def test_abstain_is_reported_with_radius_zero():
     c = certify_sequential(1, lambda a, b: 0, sigma=SIGMA, schedule=sound())
     assert c.prediction == ABSTAIN and c.radius == 0.0 and c.stop == STOP_FUTILE
