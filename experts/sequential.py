@@ -131,8 +131,9 @@ class Schedule:
         return self.looks[-1]
 
     def max_radius(self, sigma: float) -> float:
-        """Largest radius this schedule can certify: every sample a hit, at the final look."""
-        return certified_radius(sigma, _lower(self.cap, self.cap, self.levels[-1]))
+        """Largest radius this schedule can certify: every sample a hit, at the final look (0.0 if
+        even that cannot certify, e.g. a cap of a few samples)."""
+        return _radius(check_sigma(sigma), _lower(self.cap, self.cap, self.levels[-1])) or 0.0
 
 
 def union_bound_schedule(cap: int, alpha: float, first: int = DEFAULT_FIRST_LOOK) -> Schedule:

@@ -116,6 +116,12 @@ def test_union_bound_levels_sum_to_alpha():
     assert len(s.levels) == 11 and math.isclose(sum(s.levels), 0.001) and len(set(s.levels)) == 1
 
 
+def test_max_radius_is_the_all_hits_radius_at_the_last_look():
+    s = sound()
+    assert s.max_radius(SIGMA) == pytest.approx(SIGMA * norm.ppf((ALPHA / 5) ** (1 / CAP)))
+    assert union_bound_schedule(3, ALPHA).max_radius(SIGMA) == 0.0  # 0.1 ** (1/3) < 1/2: nothing certifies
+
+
 def test_schedule_rejects_bad_shapes():
     with pytest.raises(ValueError):
         Schedule((100, 100), (0.1, 0.1))
