@@ -169,9 +169,9 @@ class StopPolicy:
     def within(self, radius: float) -> "StopPolicy":
         """This policy for a stage whose radius matters only up to ``radius`` (a target above it is lowered to it)."""
         radius = max(float(radius), 0.0)
-        lower = lambda value: radius if value is None else min(value, radius)  # noqa: E731
-        target = None if self.target_radius is None else lower(self.target_radius)
-        return StopPolicy(target, self.radius_tol, lower(self.enough_radius), self.radius_grid)
+        target = None if self.target_radius is None else min(self.target_radius, radius)
+        enough = radius if self.enough_radius is None else min(self.enough_radius, radius)
+        return StopPolicy(target, self.radius_tol, enough, self.radius_grid)
 
     @property
     def stop_radius(self) -> float | None:
