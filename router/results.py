@@ -190,18 +190,19 @@ def certified_accuracy(table: ResultTable, radii: Iterable[float]) -> list[float
 
 
 def summarize(table: ResultTable, radii: Sequence[float] = DEFAULT_RADII) -> dict:
-    """Certified accuracy per radius, abstain rate and ACR (mean of radius * correct)."""
+    """Certified accuracy per radius, abstain rate, ACR (mean of radius * correct) and, for sequential
+    files (an ``n_used`` column), the mean noisy samples per row (else None)."""
     n = len(table.idx)
     finite = np.where(np.isfinite(table.radius), table.radius, 0.0)
     used = table.columns.get("n_used")
     return {
-        "samples_per_row": float(np.mean([float(v) for v in used])) if used and n else None,
         "name": table.name,
         "mode": table.mode,
         "count": n,
         "certified_accuracy": dict(zip([float(r) for r in radii], certified_accuracy(table, radii))),
         "abstain_rate": float(np.mean(table.predict == -1)) if n else 0.0,
         "acr": float(np.mean(finite * (table.correct == 1))) if n else 0.0,
+        "samples_per_row": float(np.mean([float(v) for v in used])) if used and n else None,  # sequential runs
     }
 
 
