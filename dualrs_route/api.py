@@ -169,8 +169,9 @@ def run_dataset(*, out: str | Path, experts: Sequence[str] = (), router: str | N
                 skip: int = 1, max_index: int = -1, n0: int = DEFAULT_N0, n: int = DEFAULT_N,
                 alpha: float = DEFAULT_ALPHA, alpha_router: float | None = None, router_n0: int | None = None,
                 router_n: int | None = None, seed: int = 0, engine: str = "auto", precision: str = "fp32",
-                device: str = "cpu", batch: int = 400, cascade_p0: float | None = None,
-                command: str = "dualrs_route.run_dataset",
+                device: str = "cpu", batch: int = 400, cascade_p0: float | None = None, sequential: bool = False,
+                target_radius: float | None = None, radius_tol: float | None = None, first_look: int | None = None,
+                radius_grid: float | None = None, max_radius: float | None = None, command: str = "dualrs_route.run_dataset",
                 progress: Callable | None = None) -> tuple[ResultTable, dict]:
     """Certify every ``skip``-th example of a dataset below ``max_index`` (Cohen's protocol) into ``out``.
 
@@ -178,12 +179,15 @@ def run_dataset(*, out: str | Path, experts: Sequence[str] = (), router: str | N
     columns first) plus a ``.json`` sidecar; re-running with the same ``out`` resumes. Give a
     ``router``, one expert, or several experts with ``select`` (``cascade``: the Multiscale
     cascade, threshold ``cascade_p0``, default 0.5; ``best-radius``: the oracle, not a
-    certificate). Returns the results table and
-    its summary (certified accuracy at the usual radii, ACR, abstain rate).
+    certificate). ``sequential`` (implied by ``target_radius``) makes ``n``/``router_n`` caps of
+    sequential (with a router: min-aware) CERTIFY, as ``certify --sequential``. Returns the results
+    table and its summary (certified accuracy at the usual radii, ACR, abstain rate).
     """
     plan = plan_run(experts=experts, router=router, select=select, n0=n0, n=n, alpha=alpha,
                     alpha_router=alpha_router, router_n0=router_n0, router_n=router_n, seed=seed, engine=engine,
-                    precision=precision, device=device, batch=batch, cascade_p0=cascade_p0)
+                    precision=precision, device=device, batch=batch, cascade_p0=cascade_p0, sequential=sequential,
+                    target_radius=target_radius, radius_tol=radius_tol, first_look=first_look,
+                    radius_grid=radius_grid, max_radius=max_radius)
     ds = load_dataset(dataset, split=split, data=data)
     execute(plan, ds, skip=skip, max_index=max_index, out_path=Path(out), data=data, command=command,
             progress=progress)

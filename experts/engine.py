@@ -35,11 +35,13 @@ class NoisyCounter(Protocol):
     precision: str
     logit_offsets: np.ndarray | None
 
-    def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey) -> np.ndarray:
-        """int64 [num_classes]: class counts of f(x + sigma * eps_s), s < n, eps from stream ``key``."""
+    def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey, start: int = 0) -> np.ndarray:
+        """int64 [num_classes]: class counts of f(x + sigma * eps_s), start <= s < start + n, eps from
+        stream ``key``. Counts of [0, a) plus counts of [a, a + b) equal counts of [0, a + b) exactly, so
+        a sequential procedure extends a stream instead of redrawing it."""
 
     def counts_many(
-        self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]
+        self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey], start: int = 0
     ) -> np.ndarray:
         """int64 [len(xs), num_classes]: :meth:`counts` for each image, packed into shared batches."""
 
@@ -56,10 +58,11 @@ class NoisyCounter(Protocol):
         """What run metadata records about this engine: at least ``engine`` and ``precision``."""
 
 
-def validate_request(counter, xs: np.ndarray, sigma: float, n: int, keys) -> np.ndarray:
+def validate_request(counter, xs: np.ndarray, sigma: float, n: int, keys, start: int = 0) -> np.ndarray:
     """Check a counts_many request and return ``xs`` as float32 [B, *input_shape]."""
     check_sigma(sigma)
     check_count(n, "n")
+    check_count(start, "start", minimum=0)
     xs = np.asarray(xs, dtype=np.float32)
     if xs.ndim != len(counter.input_shape) + 1 or tuple(xs.shape[1:]) != tuple(counter.input_shape):
         raise ValueError(
@@ -121,11 +124,11 @@ def check_batch_memory(batch: int, input_shape, name: str = "--batch") -> int:
     return batch
 
 
-def batch_segments(num_images: int, n: int, batch_size: int):
+def batch_segments(num_images: int, n: int, batch_size: int, start: int = 0):
     """Split the flattened (image, sample) space into forward batches.
 
     Yields, per batch, a list of ``(image, first_sample, stop_sample)`` segments whose
-    lengths add up to at most ``batch_size``.
+    lengths add up to at most ``batch_size``; sample numbers run over [start, start + n).
     """
     total = num_images * n
     pos = 0
@@ -135,7 +138,7 @@ def batch_segments(num_images: int, n: int, batch_size: int):
         for image in range(pos // n, (end - 1) // n + 1):
             s0 = max(pos, image * n) - image * n
             s1 = min(end, (image + 1) * n) - image * n
-            segments.append((image, s0, s1))
+            segments.append((image, start + s0, start + s1))
         yield segments
         pos = end
 
@@ -284,8 +287,8 @@ class TorchCounter:
         (a calibrated router's config ``logit_offsets``); None removes them."""
         self.logit_offsets = check_offsets(offsets, self.num_classes)
 
-    def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey) -> np.ndarray:
-        return self.counts_many(np.asarray(x)[None], sigma, n, keys=[key])[0]
+    def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey, start: int = 0) -> np.ndarray:
+        return self.counts_many(np.asarray(x)[None], sigma, n, keys=[key], start=start)[0]
 
     def describe(self) -> dict:
         """What run metadata records about this engine (the noise stream depends on the device type)."""
@@ -320,9 +323,10 @@ class TorchCounter:
             raise
         return out[:size]
 
-    def _noisy_batches(self, xs: np.ndarray, sigma: float, n: int, keys: Sequence[NoiseKey]):
-        """Yield ``(segments, logits)`` per forward batch: the noisy copies of ``segments`` and the
-        network's logits on them (with the folder's logit offsets, if any), on the device."""
+    def _noisy_batches(self, xs: np.ndarray, sigma: float, n: int, keys: Sequence[NoiseKey], start: int = 0):
+        """Yield ``(segments, logits)`` per forward batch: the noisy copies of ``segments`` (samples
+        [start, start + n) of each stream) and the network's logits on them (with the folder's logit
+        offsets, if any), on the device."""
         import torch
 
         # inference_mode tensors cannot enter a compiled graph that was traced outside it
@@ -331,7 +335,7 @@ class TorchCounter:
             buffer = torch.empty((min(self.batch_size, len(xs) * n), *self.input_shape), device=self.device)
             offsets = (None if self.logit_offsets is None
                        else torch.as_tensor(self.logit_offsets, device=self.device))
-            for segments in batch_segments(len(xs), n, self.batch_size):
+            for segments in batch_segments(len(xs), n, self.batch_size, start):
                 batch = buffer[:sum(s1 - s0 for _, s0, s1 in segments)]
                 offset = 0
                 for image, s0, s1 in segments:
@@ -347,13 +351,14 @@ class TorchCounter:
                     check_finite(finite.cpu().numpy(), segments, keys, self.engine)
                 yield segments, logits
 
-    def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:
+    def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey],
+                    start: int = 0) -> np.ndarray:
         import torch
 
-        xs = validate_request(self, xs, sigma, n, keys)
+        xs = validate_request(self, xs, sigma, n, keys, start)
         k = self.num_classes
         totals = torch.zeros(len(xs) * k, dtype=torch.int64, device=self.device)
-        for segments, logits in self._noisy_batches(xs, sigma, n, keys):
+        for segments, logits in self._noisy_batches(xs, sigma, n, keys, start):
             predictions = logits.argmax(dim=1)
             if len(segments) == 1 and segments[0][0] == 0:
                 flat = predictions

@@ -9,6 +9,7 @@ import numpy as np
 
 from .engine import NoisyCounter
 from .noise import NoiseKey, Stage
+from .sequential import Schedule, SequentialCertificate, StopPolicy, certify_sequential
 from .stats import (
     ABSTAIN,
     Certificate,
@@ -65,13 +66,41 @@ class SmoothedClassifier:
         1 - alpha, a non-abstaining result's class is g(x) and g is constant on the
         L2 ball of the returned radius around ``x``.
         """
-        n0 = check_count(n0, "N0")
         n = check_count(n, "N")
         alpha = check_alpha(alpha)
-        selection = self.counter.counts(x, self.sigma, n0, key=NoiseKey(seed, index, self.select_stage))
-        guess = int(np.argmax(selection))
+        guess = self.select(x, n0=n0, seed=seed, index=index)
         estimate = self.counter.counts(x, self.sigma, n, key=NoiseKey(seed, index, self.estimate_stage))
         return certify_from_counts(guess, int(estimate[guess]), n, self.sigma, alpha)
+
+    def select(self, x: np.ndarray, *, n0: int = DEFAULT_N0, seed: int = 0, index: int = 0) -> int:
+        """CERTIFY's step 1: the most frequent class of ``n0`` selection samples (ties: lowest index)."""
+        n0 = check_count(n0, "N0")
+        selection = self.counter.counts(x, self.sigma, n0, key=NoiseKey(seed, index, self.select_stage))
+        return int(np.argmax(selection))
+
+    def estimate_sequential(self, x: np.ndarray, guess: int, *, schedule: Schedule, policy: StopPolicy = StopPolicy(),
+                            seed: int = 0, index: int = 0) -> SequentialCertificate:
+        """Sequential CERTIFY's estimation for the selected class ``guess`` (:func:`experts.sequential.certify_sequential`).
+
+        Round j counts samples [n_{j-1}, n_j) of this classifier's estimation stream, so the counts at a
+        look equal those of a fixed-N CERTIFY with N = that look's sample count."""
+        key = NoiseKey(seed, index, self.estimate_stage)
+
+        def draw(start: int, stop: int) -> int:
+            return int(self.counter.counts(x, self.sigma, stop - start, key=key, start=start)[guess])
+
+        return certify_sequential(guess, draw, sigma=self.sigma, schedule=schedule, policy=policy)
+
+    def certify_sequential(self, x: np.ndarray, *, n0: int = DEFAULT_N0, schedule: Schedule,
+                           policy: StopPolicy = StopPolicy(), seed: int = 0, index: int = 0) -> SequentialCertificate:
+        """Sequential CERTIFY of one input: :meth:`select`, then :meth:`estimate_sequential`.
+
+        With probability at least 1 - sum(schedule.levels), a non-abstaining result's class is g(x) and g
+        is constant on the L2 ball of the returned radius. A one-look schedule at level alpha gives
+        exactly :meth:`certify` with N = that look.
+        """
+        guess = self.select(x, n0=n0, seed=seed, index=index)
+        return self.estimate_sequential(x, guess, schedule=schedule, policy=policy, seed=seed, index=index)
 
     def predict(
         self, x: np.ndarray, *, n: int = DEFAULT_N, alpha: float = DEFAULT_ALPHA, seed: int = 0, index: int = 0

@@ -91,6 +91,18 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     return float(_beta.ppf(alpha, n_a, n - n_a + 1))
 
 
+def upper_confidence_bound(n_a: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound on p from ``n_a`` successes in ``n``.
+
+    Equal to ``scipy.stats.beta.ppf(1 - alpha, n_a + 1, n - n_a)``, computed as
+    ``1 - lower_confidence_bound(n - n_a, n, alpha)``. It is 1.0 when ``n_a == n`` and
+    ``1 - alpha ** (1/n)`` when ``n_a == 0``.
+    """
+    if int(n_a) > int(n):
+        raise ValueError(f"n_a must be <= n, got n_a={n_a} > n={n}")
+    return 1.0 - lower_confidence_bound(int(n) - int(n_a), n, alpha)
+
+
 def certified_radius(sigma: float, p_lower: float) -> float:
     """L2 radius sigma * Phi^-1(p_lower) certified by a lower bound ``p_lower`` >= 1/2.
 

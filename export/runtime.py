@@ -210,18 +210,18 @@ class OrtCounter:
         self.session.run_with_iobinding(binding)
         return out
 
-    def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey) -> np.ndarray:
-        return self.counts_many(np.asarray(x)[None], sigma, n, keys=[key])[0]
+    def counts(self, x: np.ndarray, sigma: float, n: int, *, key: NoiseKey, start: int = 0) -> np.ndarray:
+        return self.counts_many(np.asarray(x)[None], sigma, n, keys=[key], start=start)[0]
 
     def set_logit_offsets(self, offsets) -> None:
         """Add fixed per-class ``offsets`` (float32) to every logit vector before the argmax
         (a calibrated router's config ``logit_offsets``); None removes them."""
         self.logit_offsets = check_offsets(offsets, self.num_classes)
 
-    def _noisy_batches(self, xs: np.ndarray, sigma: float, n: int, keys: Sequence[NoiseKey]):
-        """Yield ``(segments, logits)`` per forward batch (logits with the logit offsets, if any;
-        a view of a buffer that the next batch overwrites)."""
-        plan = list(batch_segments(len(xs), n, self.batch_size))
+    def _noisy_batches(self, xs: np.ndarray, sigma: float, n: int, keys: Sequence[NoiseKey], start: int = 0):
+        """Yield ``(segments, logits)`` per forward batch (samples [start, start + n) of each stream;
+        logits with the logit offsets, if any; a view of a buffer that the next batch overwrites)."""
+        plan = list(batch_segments(len(xs), n, self.batch_size, start))
 
         def fill(buffer, segments):
             """Write the noisy inputs of ``segments`` into ``buffer``; return the filled view."""
@@ -256,16 +256,18 @@ class OrtCounter:
                     pending = pool.submit(fill, self._buffers[(i + 1) % 2], plan[i + 1])
                 yield segments, run(batch, segments)
 
-    def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey]) -> np.ndarray:
-        """int64 [len(xs), num_classes]: per image, the argmax counts over its ``n`` noisy samples.
+    def counts_many(self, xs: np.ndarray, sigma: float, n: int, *, keys: Sequence[NoiseKey],
+                    start: int = 0) -> np.ndarray:
+        """int64 [len(xs), num_classes]: per image, the argmax counts over its noisy samples
+        [start, start + n).
 
         Image i's samples come from stream ``keys[i]``; the result does not depend on
         ``batch_size`` or on which images share a batch.
         """
-        xs = np.ascontiguousarray(validate_request(self, xs, sigma, n, keys))
+        xs = np.ascontiguousarray(validate_request(self, xs, sigma, n, keys, start))
         k = self.num_classes
         totals = np.zeros((len(xs), k), dtype=np.int64)
-        for segments, logits in self._noisy_batches(xs, sigma, n, keys):
+        for segments, logits in self._noisy_batches(xs, sigma, n, keys, start):
             predictions = logits.argmax(axis=1)
             offset = 0
             for image, s0, s1 in segments:

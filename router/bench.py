@@ -7,12 +7,15 @@ every engine, then repeat 2, ...), so a change in background load hits all of th
 alike and the ratios stay meaningful on a shared machine.
 
 The FLOP-bound limit of a network is ``peak / flops``: ``peak`` is this machine's
-measured fp32 matmul rate (a 2048 x 2048 matmul, median, the best of torch's and numpy's
-BLAS; :func:`matmul_peak`) and ``flops`` the network's
+measured fp32 matmul rate (a 2048 x 2048 matmul, median, the best of torch's, numpy's and
+ONNX Runtime's own GEMM (MLAS, which its convolutions use), each at the benchmark's
+threads; :func:`matmul_peak`) and ``flops`` the network's
 counted floating-point operations per sample (:func:`experts.architectures.count_flops`,
 2 per multiply-add). An engine's *fraction of the bound* is its throughput divided by
-that limit. For reduced precisions the fraction is still against the fp32 bound, so it
-can exceed 1.
+that limit. A measured matmul rate is only a lower bound on the machine's peak, so a
+fraction above 100% means the bound is under-measured (or, for reduced precisions, that
+they beat the fp32 bound); :func:`format_share` never prints one without that note.
+The table's header names the CPU model and its vector flags (:func:`cpu_description`).
 """
 
 from __future__ import annotations
@@ -107,20 +110,44 @@ def _numpy_products(size: int, seconds: float, threads: int | None) -> tuple[flo
     return float(got["median_s"]), int(got["products"])
 
 
+def _ort_products(size: int, seconds: float, threads: int | None) -> tuple[float, int]:
+    """ONNX Runtime's fp32 GEMM timing, (median seconds, count): a graph of one MatMul (constant B),
+    run on the CPU provider with ``threads`` intra-op threads (ORT's default when None)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm",
+                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, [size, size])],
+                              [helper.make_tensor_value_info("C", TensorProto.FLOAT, [size, size])],
+                              [numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = min(model.ir_version, 8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or 0)
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return _time_products(lambda: session.run(None, {"A": a}), seconds)
+
+
 def matmul_peak(*, size: int | None = None, seconds: float = 3.0, threads: int | None = None,
                 device: str = "cpu", precision: str = "fp32") -> dict:
     """This machine's matmul rate on ``device``: median GFLOP/s of ``size`` x ``size`` products (2 size^3 FLOP each).
 
-    CPU, fp32: the best of the matmul libraries installed, torch's (MKL in the PyPI wheel) and
-    numpy's (OpenBLAS), each limited to ``threads`` and timed for about ``seconds`` / 2; both
-    rates are kept under ``libraries``. One library alone can understate the machine: MKL on
-    an AMD CPU ran 10% below OpenBLAS here. CPU bf16/fp16: torch. CUDA: torch on the GPU with
+    CPU, fp32: the best of the matmul libraries installed, torch's (MKL in the PyPI wheel),
+    numpy's (OpenBLAS) and ONNX Runtime's (MLAS, the GEMM behind its convolutions), each
+    limited to ``threads`` and timed for about ``seconds`` / 3; every rate is kept under
+    ``libraries`` (a library that fails is recorded under ``errors``). One library alone can
+    understate the machine: MKL on an AMD CPU ran 10% below OpenBLAS, and on AMD Zen 5 ORT's
+    convolutions ran at 141% of the better of torch's and numpy's GEMM. CPU bf16/fp16: torch. CUDA: torch on the GPU with
     TF32 off for fp32 (true fp32, as the engines run it), each product timed between
     synchronisations. Default size 2048 on the CPU, 8192 on a GPU. At least 5 products each.
     """
     cuda = str(device).startswith("cuda")
     size = int(size or (8192 if cuda else 2048))
-    both_blas = not cuda and precision == "fp32"  # the CPU fp32 peak: torch's and numpy's BLAS
+    both_blas = not cuda and precision == "fp32"  # the CPU fp32 peak: torch's, numpy's and ORT's GEMM
+    share = seconds / 3 if both_blas else seconds
     timings: dict[str, tuple[float, int]] = {}
     errors: dict[str, str] = {}
     try:
@@ -154,15 +181,17 @@ def matmul_peak(*, size: int | None = None, seconds: float = 3.0, threads: int |
                 torch.mm(a, b, out=out)
 
             name = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {precision}"
-        timings[name] = _time_products(product, seconds / 2 if both_blas else seconds)
+        timings[name] = _time_products(product, share)
     if both_blas:
-        name = f"numpy {np.__version__}, {threads or 'default'} threads, fp32"
-        try:
-            timings[name] = _numpy_products(size, seconds / 2 if timings else seconds, threads)
-        except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as err:
-            if not timings:
-                raise
-            errors[name] = str(err)
+        for name, measure in ((f"numpy {np.__version__}, {threads or 'default'} threads, fp32", _numpy_products),
+                              (f"onnxruntime {_version('onnxruntime')}, {threads or 'default'} threads, fp32",
+                               _ort_products)):
+            try:
+                timings[name] = measure(size, share, threads)
+            except (ImportError, RuntimeError, OSError, ValueError, subprocess.SubprocessError) as err:
+                errors[name] = str(err)
+        if not timings:
+            raise DualRSError(f"no matmul library could be timed: {errors}")
     rates = {name: 2.0 * size ** 3 / median / 1e9 for name, (median, _) in timings.items()}
     best = max(rates, key=rates.get)
     median, products = timings[best]
@@ -171,6 +200,57 @@ def matmul_peak(*, size: int | None = None, seconds: float = 3.0, threads: int |
     if errors:
         result["errors"] = errors
     return result
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return "missing"
+
+
+VECTOR_FLAGS = ("fma", "avx", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "sve2")
+"""The /proc/cpuinfo flags that decide a CPU's GEMM peak (x86 FMA/AVX/AVX-512/AMX, Arm NEON/SVE)."""
+
+
+def cpu_description(cpuinfo: str | None = None) -> dict:
+    """The CPU model and its vector flags (those in :data:`VECTOR_FLAGS`, in that order) from
+    /proc/cpuinfo text (read from the system when None; empty where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            cpuinfo = ""
+    model, flags = None, set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model", "hardware") and model is None:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    return {"model": model, "vector_flags": [f for f in VECTOR_FLAGS if f in flags]}
+
+
+UNDER_MEASURED = ("above 100%: the measured matmul peak is under-measured (a library's GEMM ran slower than "
+                  "this engine's kernels), so the share is against a bound that is too low")
+REDUCED_PRECISION = ("above 100% at reduced precision: the share is against the fp32 bound, which reduced "
+                     "precisions can exceed (or the bound is under-measured)")
+
+
+def format_share(fraction: float | None, precision: str) -> tuple[str, str | None]:
+    """(cell text, note or None) of a fraction of the fp32 FLOP bound: a percentage, and above 100%
+    a note saying that the bound is under-measured (reduced precisions: or beaten by them)."""
+    if fraction is None:
+        return "-", None
+    text = format(fraction * 100, ".0f")
+    if fraction <= 1.0:
+        return text, None
+    return text, UNDER_MEASURED if precision == "fp32" else REDUCED_PRECISION
 
 
 def naive_cohen_counts(model, x, sigma: float, n: int, batch_size: int, num_classes: int) -> np.ndarray:
@@ -271,6 +351,8 @@ def run_bench(reference: str, *, engines: Sequence[str] = ("torch", "onnxruntime
             pass
     say("measuring the fp32 matmul peak ...")
     peak = matmul_peak(seconds=peak_seconds, threads=threads, device=device)
+    if not str(device).startswith("cuda"):
+        peak["cpu"] = cpu_description()
     flops = {}
     for role, f in models:
         flops[f.name] = _count_flops(f)
@@ -362,8 +444,12 @@ def _count_flops(folder) -> int | None:
 def format_table(result: dict) -> str:
     """A Markdown table of :func:`run_bench`'s result."""
     peak = result["peak"]
+    cpu = peak.get("cpu")
+    machine = (f"; CPU {cpu['model'] or 'unknown'} [{' '.join(cpu['vector_flags']) or 'no vector flags found'}]"
+               if cpu else "")
     lines = [f"{result['reference']} ({result['kind']}) on {result['device']}, threads={result['threads']}; "
-             f"fp32 matmul peak {peak['gflops']:.1f} GFLOP/s ({peak['backend']}); medians of {result['repeats']}",
+             f"fp32 matmul peak {peak['gflops']:.1f} GFLOP/s ({peak['backend']}){machine}; "
+             f"medians of {result['repeats']}",
              "",
              "| model | engine | precision | batch | samples/s | % of fp32 FLOP bound | s / certified image "
              f"(N={result['N']}) | dual s / image | dual overhead |",
@@ -379,8 +465,13 @@ def format_table(result: dict) -> str:
             lines.append(f"| {r['model']} | {r['engine']} | {r['precision']} | {r['batch']} | skipped [{len(notes)}] "
                          "| | | | |")
             continue
+        share, note = format_share(r["bound_fraction"], r["precision"])
+        if note is not None:
+            if note not in notes:
+                notes.append(note)
+            share += f" [{notes.index(note) + 1}]"
         lines.append(f"| {r['model']} | {r['engine']} | {r['precision']} | {r['batch']} | "
-                     f"{fmt(r['samples_per_s'], ',.0f')} | {fmt(r['bound_fraction'], '.0f', 100)} | "
+                     f"{fmt(r['samples_per_s'], ',.0f')} | {share} | "
                      f"{fmt(r['certify_s'], '.3f')} | {fmt(r['dual_certify_s'], '.3f')} | "
                      f"{fmt(r['dual_overhead'], '+.0%')} |")
     if notes:

@@ -101,7 +101,8 @@ from scipy.stats import norm as _norm
 from dualrs_route.experts.errors import IncompatibleModelsError
 from dualrs_route.experts.noise import NoiseKey
 from dualrs_route.experts.smoothing import SmoothedClassifier
-from dualrs_route.experts.stats import ABSTAIN, check_alpha, check_count, check_sigma, lower_confidence_bound
+from dualrs_route.experts.stats import (ABSTAIN, check_alpha, check_count, check_sigma, lower_confidence_bound,
+                                        upper_confidence_bound)
 
 DEFAULT_P0 = 0.5
 
@@ -122,18 +123,6 @@ def check_p0(p0: float) -> float:
     if not (0.5 <= value < 1.0):
         raise ValueError(f"--cascade-p0 must be in [0.5, 1) (at most one class can then exceed it), got {p0!r}")
     return value
-
-
-def upper_confidence_bound(n_a: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson upper bound on p from ``n_a`` successes in ``n``.
-
-    Equal to ``scipy.stats.beta.ppf(1 - alpha, n_a + 1, n - n_a)``, computed as
-    ``1 - lower_confidence_bound(n - n_a, n, alpha)``. It is 1.0 when ``n_a == n`` and
-    ``1 - alpha ** (1/n)`` when ``n_a == 0``.
-    """
-    if int(n_a) > int(n):
-        raise ValueError(f"n_a must be <= n, got n_a={n_a} > n={n}")
-    return 1.0 - lower_confidence_bound(int(n) - int(n_a), n, alpha)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from dualrs_route.experts.folders import ModelFolder, check_listed_reference, lo
 from dualrs_route.export.engines import make_counter
 from dualrs_route.experts.noise import Stage
 from dualrs_route.experts.smoothing import SmoothedClassifier
+from dualrs_route.experts.sequential import Schedule, SequentialCertificate, StopPolicy
 from dualrs_route.experts.stats import ABSTAIN, Certificate, check_alpha
 
 
@@ -46,6 +47,38 @@ class RoutedCertificate:
     @property
     def abstained(self) -> bool:
         return self.prediction == ABSTAIN
+
+
+def min_aware_certify(router_guess: int, route: Callable[[StopPolicy], SequentialCertificate],
+                      expert: Callable[[int, StopPolicy], SequentialCertificate], expert_reach: Sequence[float],
+                      policy: StopPolicy = StopPolicy()) -> RoutedCertificate:
+    """Min-aware sequential dual certification, given the router's selected expert ``router_guess``.
+
+    ``route(policy)`` runs the router's sequential estimation for ``router_guess``; ``expert(k, policy)``
+    runs expert k's sequential CERTIFY (selection and estimation); ``expert_reach[k]`` is the largest
+    radius expert k can certify within its cap (:meth:`Schedule.max_radius`). The router stage stops
+    once R_sigma reaches ``expert_reach[router_guess]`` (more of R_sigma cannot raise the min); the
+    expert stage stops once R_c reaches R_sigma (:meth:`StopPolicy.within`). Short of those radii each
+    stage keeps improving its radius by its own stop rules. A ``policy`` target radius R is lowered to
+    those radii for each stage (the final min cannot be certified beyond them).
+
+    Guarantee: with probability >= 1 - alpha - beta the result's class is predicted by the routed
+    smoothed classifier on the whole ball of the returned radius min(R_sigma, R_c). Proof: the router's
+    certificate fails with probability <= beta for any stopping rule (the union bound over its looks,
+    :mod:`experts.sequential`). The expert stage draws from its own streams, independent of the
+    router's, so conditionally on the router's outcome (which fixes k and the expert's target) expert
+    k's certificate fails with probability <= alpha, again for any stopping rule, hence also
+    unconditionally. A union bound over the two stages gives alpha + beta; the stopping rules only
+    decide how many samples are drawn. (The stages never share noisy inputs here.)
+    """
+    routed = route(policy.within(expert_reach[router_guess]))
+    if routed.abstained:
+        return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None)
+    k = routed.prediction
+    result = expert(k, policy.within(routed.radius))
+    if result.abstained:
+        return RoutedCertificate(ABSTAIN, 0.0, k, routed, result)
+    return RoutedCertificate(result.prediction, min(routed.radius, result.radius), k, routed, result)
 
 
 def split_alpha(total_alpha: float, alpha_router: float | None = None) -> tuple[float, float]:
@@ -88,6 +121,20 @@ class DualCertifier:
         if result.abstained:
             return RoutedCertificate(ABSTAIN, 0.0, expert, routed, result)
         return RoutedCertificate(result.prediction, min(routed.radius, result.radius), expert, routed, result)
+
+    def certify_sequential(self, x: np.ndarray, *, n0: int, schedule: Schedule, router_n0: int,
+                           router_schedule: Schedule, policy: StopPolicy = StopPolicy(), seed: int = 0,
+                           index: int = 0) -> RoutedCertificate:
+        """Min-aware sequential dual CERTIFY (:func:`min_aware_certify`); valid with probability
+        >= 1 - sum(schedule.levels) - sum(router_schedule.levels)."""
+        guess = self.router.select(x, n0=router_n0, seed=seed, index=index)
+        return min_aware_certify(
+            guess,
+            lambda p: self.router.estimate_sequential(x, guess, schedule=router_schedule, policy=p, seed=seed,
+                                                      index=index),
+            lambda k, p: self.experts[k].certify_sequential(x, n0=n0, schedule=schedule, policy=p, seed=seed,
+                                                            index=index),
+            [schedule.max_radius(e.sigma) for e in self.experts], policy)
 
     def predict(self, x: np.ndarray, *, n: int, alpha: float, router_n: int, beta: float, seed: int = 0,
                 index: int = 0) -> tuple[int, int]:

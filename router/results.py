@@ -34,6 +34,10 @@ COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 ROUTING_COLUMNS = ("expert", "sigma", "radius_router", "radius_expert", "p_router_lower", "p_expert_lower",
                    "n_router", "n_expert")
 COLUMNS = COHEN_COLUMNS + ROUTING_COLUMNS
+SEQUENTIAL_COLUMNS = COLUMNS + ("n_used", "n_router_used", "n_expert_used", "stop")
+"""Rows of ``certify --sequential``/``--target-radius``: ``n_used`` is every noisy sample the row drew
+(selection and estimation, router and expert); ``n_router_used``/``n_expert_used`` each stage's
+estimation samples; ``stop`` the stop rule of each stage (``router/expert`` with a router)."""
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
@@ -362,9 +366,11 @@ def certified_accuracy(table: ResultTable, radii: Iterable[float]) -> list[float
 
 
 def summarize(table: ResultTable, radii: Sequence[float] = DEFAULT_RADII) -> dict:
-    """Certified accuracy per radius, abstain rate and ACR (mean of radius * correct)."""
+    """Certified accuracy per radius, abstain rate, ACR (mean of radius * correct) and, for sequential
+    files (an ``n_used`` column), the mean noisy samples per row (else None)."""
     n = len(table.idx)
     finite = np.where(np.isfinite(table.radius), table.radius, 0.0)
+    used = table.columns.get("n_used")
     return {
         "name": table.name,
         "mode": table.mode,
@@ -372,6 +378,7 @@ def summarize(table: ResultTable, radii: Sequence[float] = DEFAULT_RADII) -> dic
         "certified_accuracy": dict(zip([float(r) for r in radii], certified_accuracy(table, radii))),
         "abstain_rate": float(np.mean(table.predict == -1)) if n else 0.0,
         "acr": float(np.mean(finite * (table.correct == 1))) if n else 0.0,
+        "samples_per_row": float(np.mean([float(v) for v in used])) if used and n else None,  # sequential runs
     }
 
 
@@ -472,6 +479,8 @@ def report_from_tables(tables: Sequence[ResultTable], radii: Sequence[float] = D
                 notes.append(f"{s['name']} captures {100 * captured[s['name']]:.0f}% of the oracle's ACR gain over the "
                              f"best single expert ({s['acr']:.3f} vs {envelope['acr']:.3f}; oracle {oracle_row['acr']:.3f})")
     for s, t in zip(summaries, tables):
+        if s["samples_per_row"] is not None:
+            notes.append(f"{s['name']} (sequential) drew {s['samples_per_row']:.0f} noisy samples per row on average")
         if t.mode == "best-radius":
             notes.append(f"{s['name']} used --select best-radius: an oracle, not a certificate")
     markdown = format_markdown(summaries + extra, radii)

@@ -18,13 +18,14 @@ import numpy as np
 from dualrs_route.experts.data import Dataset, check_images, select_indices
 from dualrs_route.experts.errors import DualRSError, IncompatibleModelsError
 from dualrs_route.experts.folders import ModelFolder, load_folder
+from dualrs_route.experts.sequential import DEFAULT_FIRST_LOOK, DEFAULT_RADIUS_TOL, StopPolicy, union_bound_schedule
 from dualrs_route.experts.smoothing import SmoothedClassifier
 from dualrs_route.experts.engine import check_batch_memory
 from dualrs_route.experts.stats import ABSTAIN, check_alpha, check_budget, check_count, check_sigma
 
 from .cascade import DEFAULT_P0, CascadeCertifier, check_p0
 from .dual import DualCertifier, build_smoothed, check_expert_set, load_router_set, split_alpha
-from .results import COLUMNS, ResultsWriter
+from .results import COLUMNS, SEQUENTIAL_COLUMNS, ResultsWriter
 
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "expert")
 CASCADE_COLUMNS = COLUMNS + ("stage", "radius_skipped", "samples", "stages")
@@ -33,6 +34,41 @@ and ``sigma`` name the stage where the cascade stopped, ``radius_expert``/``p_ex
 are that stage's, ``stage`` is its position (0 = largest sigma), ``radius_skipped`` the min cap of the
 skipped stages (radius = min(radius_skipped, radius_expert)), ``samples`` the noisy samples drawn, and
 ``stages`` every stage that ran (:meth:`CascadeCertificate.stages_text`). The router columns stay ``-``."""
+
+
+@dataclass(frozen=True)
+class SequentialOptions:
+    """Budget policy of ``certify --sequential``: N (and the router's N) become caps, drawn in rounds
+    on the doubling schedule from ``first_look`` (experts/sequential.py), stopped by ``policy``."""
+
+    first_look: int = DEFAULT_FIRST_LOOK
+    policy: StopPolicy = StopPolicy()
+
+    def settings(self) -> dict:
+        return {"first_look": self.first_look, "target_radius": self.policy.target_radius,
+                "radius_tol": self.policy.radius_tol, "radius_grid": self.policy.radius_grid,
+                "max_radius": self.policy.enough_radius,
+                "alpha_split": "alpha / looks, per stage (union bound)"}
+
+
+def sequential_options(sequential: bool, target_radius: float | None, radius_tol: float | None,
+                       first_look: int | None, radius_grid: float | None = None,
+                       max_radius: float | None = None) -> SequentialOptions | None:
+    """Validate the sequential options; ``target_radius`` implies sequential. None for a fixed-N run."""
+    if not (sequential or target_radius is not None):
+        if any(v is not None for v in (radius_tol, first_look, radius_grid, max_radius)):
+            raise IncompatibleModelsError("--radius-tol, --radius-grid, --max-radius and --first-look apply only "
+                                          "with --sequential or --target-radius")
+        return None
+    if radius_tol is not None and radius_grid is not None:
+        raise IncompatibleModelsError("pass --radius-tol or --radius-grid, not both")
+    first = check_count(DEFAULT_FIRST_LOOK if first_look is None else first_look, "--first-look")
+    try:
+        policy = StopPolicy(target_radius, DEFAULT_RADIUS_TOL if radius_tol is None else float(radius_tol),
+                            enough_radius=max_radius, radius_grid=radius_grid)
+    except ValueError as exc:
+        raise IncompatibleModelsError(f"--target-radius/--radius-tol/--radius-grid/--max-radius: {exc}") from None
+    return SequentialOptions(first, policy)
 
 
 @dataclass
@@ -58,6 +94,7 @@ class RunPlan:
     threads: int | None = None
     compile: bool = False
     p0: float | None = None  # cascade threshold (mode "cascade" only)
+    sequential: SequentialOptions | None = None  # budget policy: None = fixed N (Cohen's CERTIFY)
 
     def settings(self, dataset: Dataset, data: str | None, indices_desc: dict, command: str,
                  engines: Sequence[dict]) -> dict:
@@ -69,6 +106,8 @@ class RunPlan:
         models = [{"reference": f.reference, "revision": f.revision,
                    **f.fingerprint(e["engine"], e.get("precision", "fp32"))} for f, e in zip(folders, engines)]
         extra = {"cascade_p0": self.p0, "cascade_alpha_split": "even"} if self.mode == "cascade" else {}
+        if self.sequential is not None:  # recorded only when on, so fixed-N results of earlier versions resume
+            extra["sequential"] = self.sequential.settings()
         return {
             **extra,
             "command": command, "mode": self.mode, "dataset": dataset.name, "data": data, "split": dataset.split,
@@ -86,7 +125,9 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
              n: int = 100_000, alpha: float = 0.001, alpha_router: float | None = None, router_n0: int | None = None,
              router_n: int | None = None, seed: int = 0, engine: str = "auto", precision: str = "fp32",
              device: str = "cpu", batch: int = 400, sigma: float | None = None,
-             cascade_p0: float | None = None) -> RunPlan:
+             cascade_p0: float | None = None, sequential: bool = False, target_radius: float | None = None,
+             radius_tol: float | None = None, first_look: int | None = None,
+             radius_grid: float | None = None, max_radius: float | None = None) -> RunPlan:
     """Validate options and load every model folder (no network weights yet, no output).
 
     Budgets are capped up front: N, N0 and the router's at :data:`~dualrs_route.experts.stats.MAX_SAMPLES`
@@ -94,8 +135,13 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
     :data:`~dualrs_route.experts.engine.MAX_BATCH_BYTES` (4 GiB).
 
     ``select`` is None, "router", "best-radius" (an oracle) or "cascade" (Multiscale, with
-    threshold ``cascade_p0``, default 0.5).
+    threshold ``cascade_p0``, default 0.5). ``sequential`` (implied by ``target_radius``) makes ``n``
+    and ``router_n`` caps of sequential CERTIFY (single expert) or min-aware dual CERTIFY (router).
     """
+    seq = sequential_options(sequential, target_radius, radius_tol, first_look, radius_grid, max_radius)
+    if seq is not None and select in ("best-radius", "cascade"):
+        raise IncompatibleModelsError(f"--sequential/--target-radius support a single --expert or --router, "
+                                      f"not --select {select}")
     n0 = check_budget(n0, "--N0")
     n = check_budget(n, "--N")
     check_alpha(alpha, "--alpha")
@@ -120,7 +166,7 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
         rn0 = check_budget(router_n0 if router_n0 is not None else n0, "--router-N0")
         rn = check_budget(router_n if router_n is not None else n, "--router-N")
         return RunPlan("router", expert_folders, router_folder, n0, n, a, b, rn0, rn, seed, engine, precision, device,
-                       batch, None, notes)
+                       batch, None, notes, sequential=seq)
     if not experts:
         raise IncompatibleModelsError("nothing to certify: pass --router REF or --expert REF")
     if alpha_router is not None or router_n0 is not None or router_n is not None:
@@ -138,7 +184,7 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
     mode = select if select in ("best-radius", "cascade") else "single"
     p0 = check_p0(DEFAULT_P0 if cascade_p0 is None else cascade_p0) if mode == "cascade" else None
     return RunPlan(mode, folders, None, n0, n, alpha, 0.0, 0, 0, seed, engine, precision, device, batch, sigma, [],
-                   p0=p0)
+                   p0=p0, sequential=seq)
 
 
 def _load_router_quietly(reference: str):
@@ -192,7 +238,9 @@ class Runner:
         plan = self.plan
         start = time.perf_counter()
         row = {"idx": index, "label": label, "radius_router": None, "p_router_lower": None, "n_router": None}
-        if plan.mode == "router":
+        if plan.sequential is not None:
+            row.update(self._sequential_row(x, index))
+        elif plan.mode == "router":
             result = self.dual.certify(x, n0=plan.n0, n=plan.n, alpha=plan.alpha, router_n0=plan.router_n0,
                                        router_n=plan.router_n, beta=plan.beta, seed=plan.seed, index=index)
             rc, ec = result.router_certificate, result.expert_certificate
@@ -223,6 +271,33 @@ class Runner:
         row["correct"] = int(row["predict"] == label)
         row["time"] = time.perf_counter() - start
         return row
+
+    def _sequential_row(self, x: np.ndarray, index: int) -> dict:
+        """The row fields of sequential CERTIFY (single expert) or min-aware dual CERTIFY (router).
+
+        ``n_used`` counts every noisy sample the row drew (selection and estimation, both stages);
+        ``n_router_used``/``n_expert_used`` the estimation samples of each stage; ``stop`` the stop rules
+        (``router/expert`` with a router)."""
+        plan, seq = self.plan, self.plan.sequential
+        schedule = union_bound_schedule(plan.n, plan.alpha, seq.first_look)
+        if plan.mode != "router":
+            c = self.experts[0].certify_sequential(x, n0=plan.n0, schedule=schedule, policy=seq.policy,
+                                                   seed=plan.seed, index=index)
+            return dict(predict=c.prediction, radius=c.radius, expert=self.expert_label(0),
+                        sigma=self.experts[0].sigma, radius_expert=c.radius, p_expert_lower=c.p_lower,
+                        n_expert=c.count, n_used=plan.n0 + c.n, n_expert_used=c.n, stop=c.stop)
+        result = self.dual.certify_sequential(
+            x, n0=plan.n0, schedule=schedule, router_n0=plan.router_n0,
+            router_schedule=union_bound_schedule(plan.router_n, plan.beta, seq.first_look), policy=seq.policy,
+            seed=plan.seed, index=index)
+        rc, ec = result.router_certificate, result.expert_certificate
+        return dict(predict=result.prediction, radius=result.radius, expert=self.expert_label(result.expert),
+                    radius_router=rc.radius, p_router_lower=rc.p_lower, n_router=rc.count,
+                    sigma=self.experts[result.expert].sigma if ec else None,
+                    radius_expert=ec.radius if ec else None, p_expert_lower=ec.p_lower if ec else None,
+                    n_expert=ec.count if ec else None, n_router_used=rc.n, n_expert_used=ec.n if ec else None,
+                    n_used=plan.router_n0 + rc.n + (plan.n0 + ec.n if ec else 0),
+                    stop=f"{rc.stop}/{ec.stop if ec else '-'}")
 
     def predict_row(self, x: np.ndarray, label: int, index: int) -> dict:
         plan = self.plan
@@ -263,7 +338,10 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
                 "models": [f.provenance() for f in ([plan.router] if plan.router else []) + plan.experts],
                 "engines": runner.engines, "certificate": plan.mode != "best-radius",
                 "guarantee": _guarantee(plan, task), "notes": plan.notes}
-    columns = (CASCADE_COLUMNS if plan.mode == "cascade" else COLUMNS) if task == "certify" else PREDICT_COLUMNS
+    if task != "certify":
+        columns = PREDICT_COLUMNS
+    else:
+        columns = CASCADE_COLUMNS if plan.mode == "cascade" else SEQUENTIAL_COLUMNS if plan.sequential else COLUMNS
     writer = ResultsWriter(out_path, settings=settings, metadata=metadata, columns=columns)
     todo = [i for i in indices if i not in writer.done]
     started = time.perf_counter()
@@ -282,6 +360,14 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
 
 
 def _guarantee(plan: RunPlan, task: str) -> str:
+    text = _fixed_guarantee(plan, task)
+    if plan.sequential is None or task != "certify":
+        return text
+    return (f"{text}; sequential: each stage's N is a cap, its looks double from {plan.sequential.first_look} and "
+            "each look gets the stage's alpha / (number of looks), a union bound valid at any stopping time")
+
+
+def _fixed_guarantee(plan: RunPlan, task: str) -> str:
     if plan.mode == "best-radius":
         return "NOT a certificate: the expert is chosen per example with the true label (oracle, for analysis only)"
     if plan.mode == "router":

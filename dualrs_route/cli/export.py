@@ -146,7 +146,9 @@ def bench_command(reference, engines, precisions, batches, samples, n0, n, repea
     """Latency and throughput of an expert or router REF per engine, precision and batch size.
 
     Reports noisy samples/s, each engine's fraction of the FLOP-bound limit (measured fp32
-    matmul peak / counted FLOPs per sample), seconds per certified image at --N and, for a
+    matmul peak, the best of torch's, numpy's and ONNX Runtime's GEMM at --threads, / counted
+    FLOPs per sample; a share above 100% comes with a note that the bound is under-measured),
+    the CPU model and its vector flags, seconds per certified image at --N and, for a
     router, the dual-certification overhead over its routed expert alone. Medians over
     --repeats after --warmup, engines measured round-robin.
     """

@@ -74,7 +74,8 @@ def _model_options(f):
 
 def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_index, n0, n, alpha, alpha_router,
          router_n0, router_n, batch, seed, device, engine, precision, threads, compile_, sigma, out, fmt, quiet,
-         cascade_p0=None):
+         cascade_p0=None, sequential=False, target_radius=None, radius_tol=None, first_look=None, radius_grid=None,
+         max_radius=None):
     from dualrs_route.experts.data import load_dataset
 
     from dualrs_route.router.results import read_results, summarize, format_markdown
@@ -96,7 +97,9 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
         router = DEFAULT_ROUTER
     plan = plan_run(experts=experts, router=router, select=select, n0=n0 or 1, n=n, alpha=alpha,
                     alpha_router=alpha_router, router_n0=router_n0, router_n=router_n, seed=seed, engine=engine,
-                    precision=precision, device=device, batch=batch, sigma=sigma, cascade_p0=cascade_p0)
+                    precision=precision, device=device, batch=batch, sigma=sigma, cascade_p0=cascade_p0,
+                    sequential=sequential, target_radius=target_radius, radius_tol=radius_tol, first_look=first_look,
+                    radius_grid=radius_grid, max_radius=max_radius)
     plan.threads = threads
     plan.compile = compile_
     if task == "predict" and plan.mode == "best-radius":
@@ -119,6 +122,8 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
                 click.echo(json.dumps(summary, indent=2))
             else:
                 click.echo(format_markdown([summary]))
+                if summary["samples_per_row"] is not None:
+                    click.echo(f"\n{summary['samples_per_row']:.0f} noisy samples per row on average (sequential)")
         else:
             lines = path.read_text().splitlines()[1:]
             rows = [line.split("\t") for line in lines]
@@ -148,11 +153,31 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
 @click.option("--N", "n", type=int, default=100_000, show_default=True,
               help="Estimation samples per stage (at most 10^9).")
 @click.option("--router-N0", "router_n0", type=int, default=None, help="Router's N0 (default: --N0).")
+@click.option("--sequential", is_flag=True,
+              help="Draw the estimation samples in rounds (looks doubling from --first-look up to --N, alpha "
+                   "split evenly over the looks) and stop once more samples cannot change the answer: abstain "
+                   "once the upper bound is below 1/2, stop at --target-radius, or once the radius reachable "
+                   "within --N is within --radius-tol (or passes no multiple of --radius-grid). With --router: "
+                   "min-aware (the expert stops at R_sigma, the router at the expert's reachable radius).")
+@click.option("--target-radius", type=float, default=None, metavar="R",
+              help="Decide 'certified at radius R or not' with the fewest samples (implies --sequential).")
+@click.option("--radius-tol", type=float, default=None,
+              help="Sequential: stop once the radius reachable within --N is at most this much above the "
+                   "current one (pixel L2 units; default 0.01; not used with --target-radius).")
+@click.option("--radius-grid", type=float, default=None, metavar="STEP",
+              help="Sequential, instead of --radius-tol: stop once no multiple of STEP (e.g. 0.25) lies between "
+                   "the current radius and the one reachable within --N, so certified accuracy at every "
+                   "multiple of STEP is as if run to the cap (lost with probability <= 2 alpha per row).")
+@click.option("--max-radius", type=float, default=None, metavar="R",
+              help="Sequential: radii above R are worth nothing to you (e.g. the largest radius you analyse); "
+                   "a row stops once certified at R.")
+@click.option("--first-look", type=int, default=None, help="Sequential: samples at the first look (default 100).")
 def certify(**options):
     """Certify examples with a router (Dual RS), a single expert (Cohen's CERTIFY) or a Multiscale cascade.
 
     Writes one TSV row per example (idx label predict radius correct time, then routing
-    columns), resumes an interrupted --out, and prints a certified-accuracy table.
+    columns; with --sequential also n_used n_router_used n_expert_used stop), resumes an
+    interrupted --out, and prints a certified-accuracy table.
     With no --expert/--router it certifies the digits test split with the bundled demo router.
     """
     _run("certify", **options)

@@ -128,7 +128,7 @@ def test_matmul_peak_is_the_best_library_and_keeps_each_rate():
     from dualrs_route.router.bench import matmul_peak
 
     peak = matmul_peak(size=256, seconds=0.2, threads=1)
-    assert sorted(name.split()[0] for name in peak["libraries"]) == ["numpy", "torch"]
+    assert sorted(name.split()[0] for name in peak["libraries"]) == ["numpy", "onnxruntime", "torch"]
     assert peak["gflops"] == max(peak["libraries"].values())
     assert peak["libraries"][peak["backend"]] == peak["gflops"]
     assert all("1 threads" in name for name in peak["libraries"])
@@ -171,5 +171,75 @@ def test_matmul_peak_survives_a_failing_numpy_child(monkeypatch):
 
     monkeypatch.setattr(bench, "_numpy_products", broken)
     peak = bench.matmul_peak(size=128, seconds=0.1, threads=1)
-    assert peak["backend"].startswith("torch") and list(peak["libraries"]) == [peak["backend"]]
-    assert "no BLAS here" in next(iter(peak["errors"].values()))
+    assert not any(name.startswith("numpy") for name in peak["libraries"]) and peak["libraries"]
+    (numpy_error,) = [v for k, v in peak["errors"].items() if k.startswith("numpy")]
+    assert "no BLAS here" in numpy_error
+
+
+def test_matmul_peak_includes_onnxruntime_gemm_at_the_threads_asked(monkeypatch):
+    import onnxruntime
+
+    import dualrs_route.router.bench as bench
+
+    seen = []
+    real = onnxruntime.InferenceSession
+
+    def spy(model, options, **kwargs):
+        seen.append(options.intra_op_num_threads)
+        return real(model, options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    median, products = bench._ort_products(96, 0.05, 2)
+    assert seen == [2] and products >= 5 and median > 0
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9755 128-Core Processor
+flags\t\t: fpu sse2 fma avx avx2 avx512f avx512bw avx512_bf16 avx512_vnni sha_ni
+processor\t: 1
+model name\t: AMD EPYC 9755 128-Core Processor
+flags\t\t: fpu sse2 fma avx avx2 avx512f avx512bw avx512_bf16 avx512_vnni sha_ni
+"""
+
+
+def test_cpu_description_reads_model_and_vector_flags():
+    from dualrs_route.router.bench import cpu_description
+
+    cpu = cpu_description(CPUINFO)
+    assert cpu == {"model": "AMD EPYC 9755 128-Core Processor",
+                   "vector_flags": ["fma", "avx", "avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"]}
+    assert cpu_description("") == {"model": None, "vector_flags": []}
+    assert "amx_tile" in cpu_description("model name: X\nflags: avx2 amx_tile amx_bf16")["vector_flags"]
+
+
+def test_format_share_notes_every_share_above_100_percent():
+    from dualrs_route.router.bench import REDUCED_PRECISION, UNDER_MEASURED, format_share
+
+    assert format_share(None, "fp32") == ("-", None)
+    assert format_share(0.98, "fp32") == ("98", None)
+    assert format_share(1.0, "fp32") == ("100", None)
+    assert format_share(1.41, "fp32") == ("141", UNDER_MEASURED)
+    assert format_share(2.5, "bf16") == ("250", REDUCED_PRECISION)
+    assert "under-measured" in UNDER_MEASURED
+
+
+def _bench_result(fractions):
+    rows = [{"model": "m", "engine": "onnxruntime", "precision": p, "batch": 100, "skipped": None,
+             "samples_per_s": 1000.0, "bound_fraction": f, "certify_s": 1.0, "dual_certify_s": None,
+             "dual_overhead": None} for p, f in fractions]
+    return {"reference": "m", "kind": "expert", "device": "cpu", "threads": 2, "repeats": 3, "N": 1000,
+            "peak": {"gflops": 250.0, "backend": "numpy", "cpu": {"model": "AMD EPYC 9755",
+                                                                   "vector_flags": ["avx2", "avx512f"]}},
+            "rows": rows}
+
+
+def test_bench_table_prints_cpu_and_never_a_share_above_100_without_the_note():
+    from dualrs_route.router.bench import UNDER_MEASURED, format_table
+
+    text = format_table(_bench_result([("fp32", 1.41), ("fp32", 1.2), ("fp32", 0.9)]))
+    assert "CPU AMD EPYC 9755 [avx2 avx512f]" in text.splitlines()[0]
+    assert "| 141 [1] |" in text and "| 120 [1] |" in text and "| 90 |" in text
+    assert text.count(UNDER_MEASURED) == 1 and f"[1] {UNDER_MEASURED}" in text
+    clean = format_table(_bench_result([("fp32", 0.5)]))
+    assert "under-measured" not in clean and "| 50 |" in clean

@@ -233,3 +233,17 @@ def test_config_and_graph_disagreeing_on_classes_is_refused(folder_copy):
     (folder_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFormatError, match=f"has {TINY_CLASSES} classes but the config says"):
         make_counter(load_folder(str(folder_copy)), engine="onnxruntime")
+
+
+def test_ort_counts_from_an_offset_extend_the_stream_like_torch(counters):
+    # Sequential certification draws samples [start, start + n): both engines must give the same
+    # counts as one draw of the whole prefix, and agree with each other (same torch host noise).
+    torch_counter, ort_counter = counters
+    xs, keys = _images(2), _keys(2)
+    for counter in (torch_counter, ort_counter):
+        whole = counter.counts_many(xs, SIGMA, 330, keys=keys)
+        parts = counter.counts_many(xs, SIGMA, 130, keys=keys) + counter.counts_many(xs, SIGMA, 200, keys=keys,
+                                                                                      start=130)
+        np.testing.assert_array_equal(whole, parts)
+    np.testing.assert_array_equal(torch_counter.counts(xs[0], SIGMA, 77, key=keys[0], start=123),
+                                  ort_counter.counts(xs[0], SIGMA, 77, key=keys[0], start=123))
