@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -134,12 +134,9 @@ def merge_results(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             raise DataError(f"{name} has other columns than {names[0]}")
         if part.metadata.get("complete") is not True:
             raise DataError(f"{name} is incomplete: its run did not finish; re-run its command to finish it")
-    sizes = {p.metadata.get("selection", {}).get("dataset_size") for p in parts}
-    if len(sizes) != 1 or None in sizes:
-        raise DataError(f"{names[0]}: the sidecars do not record one data set size (written by an older version?); "
-                        "re-run the shards with this version")
+    size = _one_size([p.metadata.get("selection", {}).get("dataset_size") for p in parts], names)
     base = settings[0]
-    selection = select_indices(sizes.pop(), int(base["skip"]), int(base["max"]))
+    selection = select_indices(size, int(base["skip"]), int(base["max"]))
     shards = [parse_shard(s.get("shard")) for s in settings]
     expected = [s.select(selection) if s else selection for s in shards]
     check_partition([p.idx for p in parts], names, expected, selection, [str(s) if s else None for s in shards])
@@ -166,11 +163,97 @@ def merged_metadata(first: dict, metas: Sequence[dict], names: Sequence[str], co
     return meta
 
 
+# --- labels and router scores (.npz) ---
+
+
+def _labels_base(settings: dict) -> dict:
+    """Labels settings without what differs between shards (the shard and the images it holds)."""
+    base = _unsharded(settings, ("images", "indices_sha256"))
+    base["selection"] = _unsharded(dict(base.get("selection", {})))
+    return base
+
+
+def merge_label_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, command: str = ""):
+    """Check labels parts (see the module docstring) and write the labels file of the unsharded run."""
+    from .labels import load_labels, merge_labels, save_labels, select_label_indices
+
+    paths, out = [Path(p) for p in paths], Path(out)
+    _check_out(out, paths)
+    names = [str(p) for p in paths]
+    sets = [load_labels(p) for p in paths]
+    settings = [s.meta.get("settings", {}) for s in sets]
+    check_same_settings([_labels_base(s) for s in settings], names)
+    for labels, name in zip(sets, names):
+        if not labels.complete:
+            raise DataError(f"{name} is incomplete: its run did not finish; re-run its command to finish it")
+    size = _one_size([s.meta.get("dataset_size") for s in sets], names)
+    base = _labels_base(settings[0])
+    chosen = base["selection"]
+    selection = select_label_indices(size, max_images=chosen.get("max"), fraction=chosen.get("fraction"),
+                                     seed=base["seed"], start=chosen.get("start", 0)).tolist()
+    shards = [parse_shard(s.get("selection", {}).get("shard")) for s in settings]
+    check_partition([s.indices.tolist() for s in sets], names, [k.select(selection) if k else selection for k in shards],
+                    selection, [str(k) if k else None for k in shards])
+    merged = merge_labels(sets, names)
+    indices = np.asarray(selection, dtype=np.int64)
+    merged.meta["settings"] = dict(base, images=len(indices), indices_sha256=hashlib.sha256(indices.tobytes()).hexdigest())
+    merged.meta.update(command=command, dataset_size=size, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    save_labels(out, merged)
+    return merged
+
+
+def merge_score_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, command: str = ""):
+    """Check router-scores parts (see the module docstring) and write the scores file of the unsharded run.
+    A scores file exists only once its run finished, so (b) is about its rows."""
+    from .calibrate import load_scores
+    from .labels import save_npz_atomic
+
+    paths, out = [Path(p) for p in paths], Path(out)
+    _check_out(out, paths)
+    names = [str(p) for p in paths]
+    parts = [load_scores(p) for p in paths]
+    check_same_settings([_unsharded(s.meta, ("shard", "indices")) for s in parts], names)
+    base = parts[0].meta
+    size = _one_size([s.meta.get("dataset_size") for s in parts], names)
+    selection = select_indices(size, int(base["skip"]), int(base["max"]))
+    shards = [parse_shard(s.meta.get("shard")) for s in parts]
+    check_partition([s.idx.tolist() for s in parts], names, [k.select(selection) if k else selection for k in shards],
+                    selection, [str(k) if k else None for k in shards])
+    order = np.argsort(np.concatenate([s.idx for s in parts]), kind="stable")
+
+    def stack(name):
+        return np.concatenate([getattr(s, name) for s in parts])[order]
+
+    meta = dict(_unsharded(base, ("shard", "indices")), indices=[int(i) for i in selection])
+    save_npz_atomic(out, idx=stack("idx"), label=stack("label"), select=stack("select"), estimate=stack("estimate"),
+                    meta=np.asarray(json.dumps(meta)))
+    return meta
+
+
+def _one_size(sizes: Sequence, names: Sequence[str]) -> int:
+    if len(set(sizes)) != 1 or sizes[0] is None:
+        raise DataError(f"{names[0]}: the parts do not record one data set size (written by an older version?); "
+                        "re-run the shards with this version")
+    return int(sizes[0])
+
+
 def merge_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, command: str = "") -> str:
-    """Merge shards of any kind: result TSVs, labels or router-scores files (by the first part's
-    content). Returns a short summary for the log."""
+    """Merge shards of any kind: result TSVs, labels or router-scores .npz files (by the first part's
+    format). Returns a short summary for the log."""
     first = Path(paths[0])
     if first.suffix != ".npz":
         meta = merge_results(paths, out, command=command)
         return f"{meta['selection']['selected']} rows"
-    raise DataError(f"{first}: merging .npz files is not supported yet")
+    try:
+        with np.load(first, allow_pickle=False) as archive:
+            fmt = json.loads(str(archive["meta"])).get("format")
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{first}: not a labels or router-scores file ({exc})") from None
+    from .calibrate import SCORES_FORMAT
+    from .labels import FORMAT
+
+    if fmt == FORMAT:
+        return f"{len(merge_label_shards(paths, out, command=command).indices)} labelled images"
+    if fmt == SCORES_FORMAT:
+        return f"{len(merge_score_shards(paths, out, command=command)['indices'])} scored images"
+    raise DataError(f"{first}: format {fmt!r} is neither labels nor router scores")

@@ -184,3 +184,61 @@ def test_predict_shards_merge_too(cli_expert, tmp_path):
         assert invoke(*common, "--out", tmp_path / f"p{k}.tsv", "--shard", f"{k}/2").exit_code == 0
     assert invoke("merge", "--out", tmp_path / "m.tsv", tmp_path / "p1.tsv", tmp_path / "p2.tsv").exit_code == 0
     assert without_time(tmp_path / "m.tsv") == without_time(tmp_path / "full.tsv")
+
+
+# --- labels and router scores ---
+
+LABELS = ["labels", "--expert", "builtin:digits-sigma0.25", "--expert", "builtin:digits-sigma0.5", "--max", 11,
+          "--N0", 5, "--N", 20, "--chunk", 4, "--quiet"]
+SCORES = ["router-scores", "--router", "builtin:digits-router", "--max", 11, "--skip", 2, "--router-N0", 5,
+          "--router-N", 20, "--chunk", 2, "--quiet"]
+
+
+def npz(path) -> dict:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as archive:
+        return {k: archive[k] for k in archive.files}
+
+
+@pytest.mark.parametrize("command", [LABELS, SCORES], ids=["labels", "router-scores"])
+def test_label_and_score_shards_merge_to_the_unsharded_file(command, tmp_path):
+    import numpy as np
+
+    assert invoke(*command, "--out", tmp_path / "full.npz").exit_code == 0
+    parts = [tmp_path / f"p{k}.npz" for k in (1, 2)]
+    for k, part in enumerate(parts, 1):
+        result = invoke(*command, "--shard", f"{k}/2", "--out", part)
+        assert result.exit_code == 0, result.output
+    # labels: images 0..10, so shard 1/2 holds 0, 2, ..., 10; scores: 0, 2, ..., 10, so 0, 4, 8
+    want = [0, 2, 4, 6, 8, 10] if command is LABELS else [0, 4, 8]
+    assert npz(parts[0])["indices" if command is LABELS else "idx"].tolist() == want
+    result = invoke("merge", "--out", tmp_path / "m.npz", parts[1], parts[0])
+    assert result.exit_code == 0, result.output
+    merged, full = npz(tmp_path / "m.npz"), npz(tmp_path / "full.npz")
+    assert set(merged) == set(full)
+    for key in set(full) - {"meta"}:
+        assert np.array_equal(merged[key], full[key]), key
+    merged_meta, full_meta = json.loads(str(merged["meta"])), json.loads(str(full["meta"]))
+    if command is LABELS:
+        assert merged_meta["settings"] == full_meta["settings"] and merged_meta["complete"]
+        again = invoke(*command, "--out", tmp_path / "m.npz")  # the unsharded command finds it complete
+        assert again.exit_code == 0 and np.array_equal(npz(tmp_path / "m.npz")["radii"], full["radii"])
+    else:
+        assert merged_meta == full_meta
+    one_error(invoke("merge", "--out", tmp_path / "gap.npz", parts[0]), "the parts leave a gap")
+    one_error(invoke("merge", "--out", tmp_path / "twice.npz", parts[0], parts[1], parts[0]), "overlap")
+
+
+def test_label_merge_refuses_other_settings_and_unfinished_parts(tmp_path):
+    from dualrs_route.router.labels import load_labels, save_labels
+
+    parts = [tmp_path / f"p{k}.npz" for k in (1, 2)]
+    assert invoke(*LABELS, "--shard", "1/2", "--out", parts[0]).exit_code == 0
+    assert invoke(*LABELS, "--shard", "2/2", "--N", 30, "--out", parts[1]).exit_code == 0
+    one_error(invoke("merge", "--out", tmp_path / "m.npz", *parts), f"{parts[1]} was written with other settings")
+    assert invoke(*LABELS, "--shard", "2/2", "--out", tmp_path / "p2b.npz").exit_code == 0
+    unfinished = load_labels(tmp_path / "p2b.npz")
+    unfinished.meta["complete"] = False
+    save_labels(tmp_path / "p2b.npz", unfinished)
+    one_error(invoke("merge", "--out", tmp_path / "m.npz", parts[0], tmp_path / "p2b.npz"), "is incomplete")
