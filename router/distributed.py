@@ -58,14 +58,16 @@ class CertifyWorker:
         self.runner: Runner | None = None
 
     def start(self) -> dict:
-        """Build the runner (if not yet built); return its engines and this process's id."""
+        """Build the runner (if not yet built); return its engines, process id and Ray node id."""
+        import ray
+
         if self.runner is None:
             import torch
 
             torch.set_num_threads(self.threads)
             check_model_files(self.plan)
             self.runner = Runner(self.plan)
-        return {"engines": self.runner.engines, "pid": os.getpid()}
+        return {"engines": self.runner.engines, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
     def row(self, task: str, x, label: int, index: int) -> dict:
         self.start()
@@ -131,6 +133,7 @@ class RayRows:
             raise
         self.engines = started[0]["engines"]
         self.pids = [s["pid"] for s in started]
+        self.nodes = [s["node"] for s in started]
         for s in started[1:]:
             self._check_engines(s)
 
@@ -195,7 +198,7 @@ class RayRows:
         except self.ray.exceptions.RayActorError:
             return
         self._check_engines(started)
-        self.pids[k] = started["pid"]
+        self.pids[k], self.nodes[k] = started["pid"], started["node"]
         self.restarts += 1
         live[k] = 0  # a restarted actor has no calls in flight: the old ones failed
 
