@@ -125,9 +125,14 @@ class RayRows:
         worker_class = self.ray.remote(CertifyWorker).options(
             num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS, max_task_retries=0)
         body = worker_plan(plan, threads)
-        self.actors = [worker_class.remote(body, threads) for _ in range(workers)]
         try:
-            started = [self._get(a.start.remote()) for a in self.actors]
+            check_resources(self.ray, workers, threads, gpus)
+            self.actors = [worker_class.remote(body, threads) for _ in range(workers)]
+            refs = [a.start.remote() for a in self.actors]  # all actors load their models at once
+            started = [self._get(r) for r in refs]
+        except self.ray.exceptions.RayActorError as exc:
+            self.close()
+            raise DualRSError(f"a Ray worker died while starting: {' '.join(str(exc).split())[:300]}") from None
         except BaseException:
             self.close()
             raise
@@ -152,39 +157,46 @@ class RayRows:
     def rows(self, task: str, dataset: Dataset, indices: Sequence[int]) -> Iterator[dict]:
         """One row per index, in the order of ``indices``, whatever order the actors finish in."""
         indices = list(indices)
-        queue = list(range(len(indices)))  # positions still to send: a heap, so retried ones go first
-        live = {k: 0 for k in range(len(self.actors))}  # actor slot -> calls in flight
-        calls, pings, finished = {}, {}, {}
+        state = _Dispatch(len(self.actors), len(indices))
         emitted = 0
         while emitted < len(indices):
-            for k in list(live):
-                while live[k] < IN_FLIGHT and queue:
-                    pos = heapq.heappop(queue)
-                    i = indices[pos]
-                    calls[self.actors[k].row.remote(task, dataset.image(i), int(dataset.labels[i]), i)] = (k, pos)
-                    live[k] += 1
-            if not calls and not pings:
+            self._submit(state, task, dataset, indices)
+            if not state.calls and not state.pings:
                 raise DualRSError(f"every Ray worker died ({len(self.actors)} actors, {MAX_RESTARTS} restarts each); "
                                   f"{emitted} rows were written: re-run the same command to resume")
-            ready, _ = self.ray.wait(list(calls) + list(pings), num_returns=1)
+            ready, _ = self.ray.wait(list(state.calls) + list(state.pings), num_returns=1)
             for ref in ready:
-                if ref in pings:
-                    self._revive(pings.pop(ref), ref, live)
-                    continue
-                k, pos = calls.pop(ref)
-                try:
-                    finished[pos] = self._get(ref)
-                    if k in live:
-                        live[k] -= 1
-                except self.ray.exceptions.RayActorError:
-                    heapq.heappush(queue, pos)
-                    self.retried += 1
-                    if k in live:  # first failure seen from this actor: wait for Ray to restart it
-                        del live[k]
-                        pings[self._ping(k)] = k
-            while emitted in finished:
-                yield finished.pop(emitted)
+                self._collect(state, ref)
+            while emitted in state.finished:
+                yield state.finished.pop(emitted)
                 emitted += 1
+
+    def _submit(self, state: "_Dispatch", task: str, dataset: Dataset, indices: list[int]) -> None:
+        """Fill every working actor up to IN_FLIGHT calls, lowest positions first."""
+        for k in list(state.live):
+            while state.live[k] < IN_FLIGHT and state.queue:
+                pos = heapq.heappop(state.queue)
+                i = indices[pos]
+                state.calls[self.actors[k].row.remote(task, dataset.image(i), int(dataset.labels[i]), i)] = (k, pos)
+                state.live[k] += 1
+
+    def _collect(self, state: "_Dispatch", ref) -> None:
+        """A finished call: keep its row, or, if its actor died, re-queue the example and ping the actor."""
+        if ref in state.pings:
+            self._revive(state.pings.pop(ref), ref, state.live)
+            return
+        k, pos = state.calls.pop(ref)
+        try:
+            state.finished[pos] = self._get(ref)
+        except self.ray.exceptions.RayActorError:
+            heapq.heappush(state.queue, pos)
+            self.retried += 1
+            if k in state.live:  # first failure seen from this actor: no more work until Ray restarts it
+                del state.live[k]
+                state.pings[self._ping(k)] = k
+            return
+        if k in state.live:
+            state.live[k] -= 1
 
     def _ping(self, k: int):
         """A start() call that Ray retries while actor ``k`` restarts; it fails only once the actor is
@@ -209,3 +221,32 @@ class RayRows:
         if self._owns_session:
             self.ray.shutdown()
             self._owns_session = False
+
+
+@dataclasses.dataclass
+class _Dispatch:
+    """The driver's book-keeping during :meth:`RayRows.rows`: positions (into the indices) still to
+    send, as a heap; calls in flight per working actor; pending calls and pings; finished rows by position."""
+
+    actors: int
+    size: int
+    queue: list = dataclasses.field(init=False)
+    live: dict = dataclasses.field(init=False)
+    calls: dict = dataclasses.field(default_factory=dict)  # ref -> (actor slot, position)
+    pings: dict = dataclasses.field(default_factory=dict)  # ref -> actor slot
+    finished: dict = dataclasses.field(default_factory=dict)  # position -> row
+
+    def __post_init__(self):
+        self.queue = list(range(self.size))  # sorted, hence already a heap
+        self.live = {k: 0 for k in range(self.actors)}
+
+
+def check_resources(ray, workers: int, threads: int, gpus: float) -> None:
+    """DualRSError if the whole cluster has fewer CPUs or GPUs than the workers ask for (they would wait
+    forever). Whether each worker fits on one node is left to Ray."""
+    have = ray.cluster_resources()
+    for name, need in (("CPU", workers * threads), ("GPU", workers * gpus)):
+        if need > have.get(name, 0):
+            raise DualRSError(f"--workers {workers} need {need:g} {name}s ({threads} threads"
+                              f"{f', {gpus:g} GPUs' if gpus else ''} each) but the Ray cluster has "
+                              f"{have.get(name, 0):g}; use fewer --workers or --threads, or a larger cluster")

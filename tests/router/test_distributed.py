@@ -57,39 +57,63 @@ def test_two_ray_workers_write_the_file_of_one_process(cluster, one_process, tmp
     assert Path(out).read_text() != Path(one_process).read_text()  # times differ: the comparison is not trivial
 
 
-def test_killing_a_worker_mid_run_loses_nothing(cluster, one_process, tmp_path):
-    from dualrs_route.experts.data import load_dataset
+@pytest.fixture(scope="module")
+def workers(cluster):
+    """Two warm Ray workers shared by the tests below (starting actors is the slow part)."""
     from dualrs_route.router.distributed import RayRows
-    from dualrs_route.router.run import execute, plan_run
+    from dualrs_route.router.run import plan_run
 
     plan = plan_run(router=ROUTER, n0=10, n=200, alpha=0.01, seed=5, batch=100)
-    sources = []
+    source = RayRows(plan, workers=2, threads=1)
+    yield plan, source
+    source.close()
 
-    def rows(p):
-        sources.append(RayRows(p, workers=2, threads=1))
-        return sources[0]
 
-    def kill_after_first_row(items, length):
-        for k, row in enumerate(items):
-            if k == 1:
-                os.kill(sources[0].pids[0], signal.SIGKILL)
-            yield row
+class Borrowed:
+    """A row source that leaves the shared workers running when execute() closes it."""
 
-    out = tmp_path / "killed.tsv"
+    def __init__(self, source):
+        self.source, self.engines = source, source.engines
+
+    def rows(self, *args):
+        return self.source.rows(*args)
+
+    def close(self):
+        pass
+
+
+def run_on(workers, out, progress=None):
+    from dualrs_route.experts.data import load_dataset
+    from dualrs_route.router.run import execute
+
+    plan, source = workers
     execute(plan, load_dataset("digits", split="test"), skip=1, max_index=24, out_path=out, data=None,
-            command="test", progress=kill_after_first_row, rows=rows)
-    assert sources[0].retried >= 1  # the killed worker's pending examples really were re-queued
-    assert without_time(out) == without_time(one_process)
+            command="test", progress=progress, rows=lambda p: Borrowed(source))
 
 
-def test_ray_resumes_a_file_that_one_process_started(cluster, one_process, tmp_path):
+def test_ray_resumes_a_file_that_one_process_started(workers, one_process, tmp_path):
     out = tmp_path / "resumed.tsv"
     lines = Path(one_process).read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:9]))  # header and 8 rows, as a killed one-process run
     Path(str(out) + ".json").write_text(Path(str(one_process) + ".json").read_text())
-    result = invoke("certify", *COMMON, "--ray", "--workers", 2, "--out", out)
-    assert result.exit_code == 0, result.output
+    run_on(workers, out)
     assert Path(out).read_text().splitlines()[:9] == [line.rstrip("\n") for line in lines[:9]]
+    assert without_time(out) == without_time(one_process)
+
+
+def test_killing_a_worker_mid_run_loses_nothing(workers, one_process, tmp_path):
+    _, source = workers
+    before = source.retried
+
+    def kill_after_first_row(items, length):
+        for k, row in enumerate(items):
+            if k == 1:
+                os.kill(source.pids[0], signal.SIGKILL)
+            yield row
+
+    out = tmp_path / "killed.tsv"
+    run_on(workers, out, progress=kill_after_first_row)
+    assert source.retried > before  # the killed worker's pending examples really were re-queued
     assert without_time(out) == without_time(one_process)
 
 
@@ -99,7 +123,7 @@ def test_an_error_inside_a_worker_is_raised_as_itself(cluster):
     from dualrs_route.experts.errors import DataError
     from dualrs_route.router.distributed import RayRows
 
-    @ray.remote
+    @ray.remote(num_cpus=0)  # the shared workers hold both CPUs
     def fails():
         raise DataError("example 3 is not finite")
 
