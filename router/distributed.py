@@ -102,10 +102,12 @@ def connect(address: str | None, num_cpus: int):
     if ray.is_initialized():
         return ray, False
     options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    if address in (None, "", "local"):
-        ray.init(address="local", num_cpus=num_cpus, **options)
-    else:
-        ray.init(address=address, **options)
+    local = address in (None, "", "local")
+    try:
+        ray.init(**(dict(address="local", num_cpus=num_cpus) if local else dict(address=address)), **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = "start a local Ray cluster" if local else f"connect to the Ray cluster at {address}"
+        raise DualRSError(f"cannot {where}: {' '.join(str(exc).split())[:300]}") from None
     return ray, True
 
 
@@ -247,6 +249,6 @@ def check_resources(ray, workers: int, threads: int, gpus: float) -> None:
     have = ray.cluster_resources()
     for name, need in (("CPU", workers * threads), ("GPU", workers * gpus)):
         if need > have.get(name, 0):
-            raise DualRSError(f"--workers {workers} need {need:g} {name}s ({threads} threads"
-                              f"{f', {gpus:g} GPUs' if gpus else ''} each) but the Ray cluster has "
-                              f"{have.get(name, 0):g}; use fewer --workers or --threads, or a larger cluster")
+            raise DualRSError(f"{workers} Ray workers x ({threads} CPU, {gpus:g} GPU) need {need:g} {name} but the "
+                              f"Ray cluster has {have.get(name, 0):g}; use fewer --workers, --threads or "
+                              "--gpus-per-worker, or a larger cluster")
