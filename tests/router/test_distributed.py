@@ -161,3 +161,13 @@ def test_missing_ray_gives_the_install_hint(tmp_path, monkeypatch):
     assert result.exit_code == 1 and lines == ["Error: Ray is not installed; install it with: "
                                                "pip install 'dualrs-route[distributed]'"], result.output
     assert not (tmp_path / "x.tsv").exists()
+
+
+def test_workers_that_do_not_fit_the_cluster_are_refused_before_starting(cluster):
+    from dualrs_route.router.distributed import check_resources
+
+    check_resources(ray, 2, 1, 0.0)  # the module's cluster: 2 CPUs, no GPU
+    with pytest.raises(DualRSError, match="3 Ray workers x \\(1 CPU, 0 GPU\\) need 3 CPU but the Ray cluster has 2"):
+        check_resources(ray, 3, 1, 0.0)
+    with pytest.raises(DualRSError, match="need 2 GPU but the Ray cluster has 0"):
+        check_resources(ray, 2, 1, 1.0)
