@@ -39,7 +39,7 @@ key            dtype, shape          meaning
 ``references`` str [K]               expert references as given on the command line
 ``sha256``     str [K]               sha256 of each expert's weight file
 ``sigmas``     float64 [K]           each expert's noise level
-``meta``       str (0-d)             JSON: format, settings, complete, done/total, times
+``meta``       str (0-d)             JSON: format, settings, complete, done/total, times, dataset_size
 ============== ===================== =====================================================
 
 ``n`` grows while a run is in progress; ``meta["complete"]`` is true once every
@@ -360,7 +360,7 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
             experts=[f.name for f in experts], references=[f.reference for f in experts],
             sha256=[weights_hash(f) for f in experts], sigmas=np.array([f.config.sigma for f in experts], np.float64),
             meta={"format": FORMAT, "settings": settings, "complete": False, "done": 0, "total": int(len(indices)),
-                  "started": now, "command": command, "seconds": 0.0,
+                  "started": now, "command": command, "seconds": 0.0, "dataset_size": len(dataset),
                   "models": [f.provenance() for f in experts]},
         )
         done = 0

@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from dualrs_route.experts.stats import ABSTAIN, check_alpha, check_budget, check
 from .cascade import DEFAULT_P0, CascadeCertifier, check_p0
 from .dual import DualCertifier, build_smoothed, check_expert_set, load_router_set, split_alpha
 from .results import COLUMNS, SEQUENTIAL_COLUMNS, ResultsWriter
+from .shards import Shard
 
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "expert")
 CASCADE_COLUMNS = COLUMNS + ("stage", "radius_skipped", "samples", "stages")
@@ -314,48 +315,82 @@ class Runner:
                 "time": time.perf_counter() - start, "expert": self.expert_label(expert)}
 
 
+class LocalRows:
+    """Certifies (or predicts) examples in this process, one after another, with one :class:`Runner`.
+
+    The row source protocol that :func:`execute` drives: ``engines`` (what each counter runs on,
+    router first), ``rows(task, dataset, indices)`` yielding one row per index **in the order of
+    ``indices``**, and ``close()``. :class:`~dualrs_route.router.distributed.RayRows` is the other."""
+
+    def __init__(self, plan: RunPlan):
+        self.runner = Runner(plan)  # loads weights: corrupt or mismatched files fail here, before any output
+        self.engines = self.runner.engines
+
+    def rows(self, task: str, dataset: Dataset, indices: Sequence[int]) -> Iterator[dict]:
+        row_fn = self.runner.certify_row if task == "certify" else self.runner.predict_row
+        for i in indices:
+            yield row_fn(dataset.image(i), int(dataset.labels[i]), i)
+
+    def close(self) -> None:
+        pass
+
+
+def engine_settings(engines: Sequence[dict]) -> list[dict]:
+    """The fields of engine descriptions that change results: engine, precision, noise source, and
+    torch.compile (other kernels than eager torch, like a precision change; recorded only when on,
+    so results of earlier versions still resume). Timing options (prefetch, I/O binding) do not."""
+    return [{**{k: e.get(k) for k in ("engine", "precision", "noise")},
+             **({"compiled": True} if e.get("compiled") else {})} for e in engines]
+
+
 def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_path, data: str | None,
-            command: str, task: str = "certify", progress: Callable | None = None) -> ResultsWriter:
+            command: str, task: str = "certify", progress: Callable | None = None, shard: Shard | None = None,
+            rows: Callable[[RunPlan], "LocalRows"] = LocalRows) -> ResultsWriter:
     """Validate the data against the plan, build the engines, then certify (or predict) every selected example.
 
-    Rows go to ``out_path`` one flushed line at a time; an existing file with the same
-    settings is resumed. ``progress(iterable, length)`` may wrap the loop in a progress bar.
+    The selection is every ``skip``-th example below ``max_index``, then, with ``shard``, that
+    shard's round-robin share (:mod:`.shards`). Rows go to ``out_path`` one flushed line at a
+    time, in index order; an existing file with the same settings is resumed.
+    ``progress(iterable, length)`` may wrap the loop in a progress bar. ``rows(plan)`` builds the
+    row source (default :class:`LocalRows`, this process; :class:`~.distributed.RayRows` spreads
+    examples over Ray actors and yields their rows in the same order).
     """
     indices = select_indices(len(dataset), skip, max_index)
-    check_images(dataset, indices, plan.experts[0].config.input_shape)
-    bad_labels = [i for i in indices if not (0 <= dataset.labels[i] < plan.experts[0].config.num_classes)]
+    selected = shard.select(indices) if shard else indices
+    check_images(dataset, selected, plan.experts[0].config.input_shape)
+    bad_labels = [i for i in selected if not (0 <= dataset.labels[i] < plan.experts[0].config.num_classes)]
     if bad_labels:
         raise DualRSError(f"example {bad_labels[0]} has label {dataset.labels[bad_labels[0]]}, outside the experts' "
                           f"{plan.experts[0].config.num_classes} classes")
-    runner = Runner(plan)  # loads weights: corrupt or mismatched files fail here, before any output
-    settings = plan.settings(dataset, data, {"skip": skip, "max": max_index}, task, runner.engines)
-    # The engine, precision and noise source change results; timing options (prefetch, I/O binding) do not.
-    # torch.compile runs other kernels than eager torch (like a precision change), so it counts too.
-    # (recorded only when on, so results of earlier versions still resume)
-    settings["engines"] = [{**{k: e.get(k) for k in ("engine", "precision", "noise")},
-                            **({"compiled": True} if e.get("compiled") else {})} for e in runner.engines]
-    metadata = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": command, "versions": versions(),
-                "models": [f.provenance() for f in ([plan.router] if plan.router else []) + plan.experts],
-                "engines": runner.engines, "certificate": plan.mode != "best-radius",
-                "guarantee": _guarantee(plan, task), "notes": plan.notes}
-    if task != "certify":
-        columns = PREDICT_COLUMNS
-    else:
-        columns = CASCADE_COLUMNS if plan.mode == "cascade" else SEQUENTIAL_COLUMNS if plan.sequential else COLUMNS
-    writer = ResultsWriter(out_path, settings=settings, metadata=metadata, columns=columns)
-    todo = [i for i in indices if i not in writer.done]
-    started = time.perf_counter()
-    row_fn = runner.certify_row if task == "certify" else runner.predict_row
-    iterator = progress(todo, len(todo)) if progress else todo
-    failed = True
+    source = rows(plan)
     try:
-        for i in iterator:
-            writer.write(row_fn(dataset.image(i), int(dataset.labels[i]), i))
-        failed = False
+        selection = {"skip": skip, "max": max_index, **({"shard": str(shard)} if shard else {})}
+        settings = plan.settings(dataset, data, selection, task, source.engines)
+        settings["engines"] = engine_settings(source.engines)
+        metadata = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": command, "versions": versions(),
+                    "models": [f.provenance() for f in ([plan.router] if plan.router else []) + plan.experts],
+                    "engines": source.engines, "certificate": plan.mode != "best-radius",
+                    "guarantee": _guarantee(plan, task), "notes": plan.notes,
+                    "selection": {"dataset_size": len(dataset), "selected": len(selected),
+                                  "shard": str(shard) if shard else None}}
+        if task != "certify":
+            columns = PREDICT_COLUMNS
+        else:
+            columns = CASCADE_COLUMNS if plan.mode == "cascade" else SEQUENTIAL_COLUMNS if plan.sequential else COLUMNS
+        writer = ResultsWriter(out_path, settings=settings, metadata=metadata, columns=columns)
+        todo = [i for i in selected if i not in writer.done]
+        started = time.perf_counter()
+        produced = source.rows(task, dataset, todo)
+        failed = True
+        try:
+            for row in (progress(produced, len(todo)) if progress else produced):
+                writer.write(row)
+            failed = False
+        finally:
+            writer.close(after_error=failed, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=len(writer.done) >= len(selected),
+                         last_session_seconds=round(time.perf_counter() - started, 3))
     finally:
-        writer.close(after_error=failed, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                     complete=len(writer.done) >= len(indices),
-                     last_session_seconds=round(time.perf_counter() - started, 3))
+        source.close()
     return writer
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from .calibrate import calibrate_router_command, compose_command, router_scores_command
 from .export import bench_command, export_command
 from .main import main
+from .scale import merge_command
 from .training import labels_command, router_report_command, train_router_command
 
 for _command in (labels_command, train_router_command, router_report_command, router_scores_command,
-                 calibrate_router_command, compose_command, export_command, bench_command):
+                 calibrate_router_command, compose_command, export_command, bench_command, merge_command):
     main.add_command(_command)
 
 __all__ = ["main"]

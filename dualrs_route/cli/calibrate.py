@@ -13,6 +13,7 @@ import click
 from dualrs_route.export.engines import ENGINES
 
 from .common import command_line as _command_line, progress
+from .scale import shard_option
 
 
 @click.command("router-scores")
@@ -36,16 +37,18 @@ from .common import command_line as _command_line, progress
               show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Scores file (.npz) to write or resume.")
+@shard_option()
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def router_scores_command(router, dataset, data, split, skip, max_index, n0, n, seed, batch, chunk, device, engine,
-                          threads, out, quiet):
+                          threads, out, shard, quiet):
     """Store a router's logits on every noisy copy that dual CERTIFY would draw for it.
 
     The file feeds `calibrate-router` (held-out images) and `compose` (evaluation images).
     Logits are raw: a router's own logit_offsets are not applied. Resumable: parts are saved
     every --chunk images in OUT.parts/. The file holds float32 logits, images x (N0 + N) x
     experts x 4 bytes (500 images at N = 10,000 with 3 experts: 61 MB), assembled in memory at
-    the end.
+    the end. With --shard K/N it scores the K-th of N round-robin parts of the selected
+    images; join the parts with `dualrs-route merge`.
     """
     from dualrs_route.experts.data import check_images, load_dataset, select_indices
     from dualrs_route.experts.folders import load_folder
@@ -60,11 +63,14 @@ def router_scores_command(router, dataset, data, split, skip, max_index, n0, n, 
     folder = load_folder(router, expected_kind="router")
     ds = load_dataset(dataset, split=split, data=data)
     indices = select_indices(len(ds), skip, max_index)
+    if shard:
+        indices = shard.select(indices)
     check_images(ds, indices, folder.config.input_shape)
     counter = make_counter(folder, engine=engine, device=device, batch_size=batch, threads=threads, raw_logits=True)
     engine_info = counter.describe()
     settings = {"router": folder.fingerprint(engine_info["engine"], engine_info.get("precision", "fp32"))["sha256"],
-                "split": split, "data": data, "skip": skip, "max": max_index,
+                "split": split, "data": data, "skip": skip, "max": max_index, "dataset_size": len(ds),
+                **({"shard": str(shard)} if shard else {}),
                 "engine": {k: engine_info.get(k) for k in ("engine", "precision", "noise")}}
     collect_scores(counter, ds.batch, [int(ds.labels[i]) for i in indices], indices, sigma=folder.config.sigma,
                    n0=n0, n=n, seed=seed, out=out, settings=settings, chunk=chunk,

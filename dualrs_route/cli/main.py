@@ -13,6 +13,7 @@ import click
 from dualrs_route.export.engines import ENGINES
 
 from .common import Group, command_line, progress, radii_option
+from .scale import row_source, scale_options
 
 DEFAULT_ROUTER = "builtin:digits-router"
 
@@ -55,7 +56,8 @@ def _model_options(f):
         click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True),
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default="fp32",
                      show_default=True, help="Precision the networks run in (certificates hold for that network)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="torch/ORT intra-op threads."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="torch/ORT intra-op threads (with --ray: per worker, default 1)."),
         click.option("--compile", "compile_", is_flag=True,
                      help="torch engine: run the networks through torch.compile (inductor; compiles once, tens of "
                           "seconds; fastest CPU path with --precision bf16)."),
@@ -63,6 +65,7 @@ def _model_options(f):
                      help="Override a single expert's noise level (default: its config's sigma)."),
         click.option("--out", type=click.Path(dir_okay=False), default=None,
                      help="Results TSV (+ .json sidecar). Re-running with the same --out resumes."),
+        *scale_options(),
         click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown",
                      show_default=True, help="Format of the summary printed at the end."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
@@ -74,8 +77,8 @@ def _model_options(f):
 
 def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_index, n0, n, alpha, alpha_router,
          router_n0, router_n, batch, seed, device, engine, precision, threads, compile_, sigma, out, fmt, quiet,
-         cascade_p0=None, sequential=False, target_radius=None, radius_tol=None, first_look=None, radius_grid=None,
-         max_radius=None):
+         shard, ray_address, workers, gpus_per_worker, cascade_p0=None, sequential=False, target_radius=None,
+         radius_tol=None, first_look=None, radius_grid=None, max_radius=None):
     from dualrs_route.experts.data import load_dataset
 
     from dualrs_route.router.results import read_results, summarize, format_markdown
@@ -89,7 +92,8 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
         raise click.BadParameter(f"must be >= 1, got {n0}", param_hint="--N0")
     if n < 1:
         raise click.BadParameter(f"must be >= 1, got {n}", param_hint="--N")
-    if threads:
+    rows = row_source(ray_address, workers, gpus_per_worker, threads)  # checks the options before any work
+    if threads and ray_address is None:
         import torch
 
         torch.set_num_threads(threads)
@@ -113,7 +117,7 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
         if out and Path(out).is_dir():
             raise click.BadParameter(f"{out} is a folder; give a file name", param_hint="--out")
         execute(plan, ds, skip=skip, max_index=max_index, out_path=path, data=data, command=command, task=task,
-                progress=progress(task, quiet))
+                progress=progress(task, quiet), shard=shard, rows=rows)
         if task == "certify":
             table = read_results(path)
             table.name = Path(out).name if out else plan.mode

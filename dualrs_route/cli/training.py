@@ -15,6 +15,7 @@ import click
 from dualrs_route.export.engines import ENGINES
 
 from .common import command_line as _command_line, positive_float as _positive_float
+from .scale import shard_option
 
 from dualrs_route.router.labels import DEFAULT_ALPHA, DEFAULT_CHUNK, DEFAULT_N, DEFAULT_N0
 
@@ -50,15 +51,18 @@ from dualrs_route.router.labels import DEFAULT_ALPHA, DEFAULT_CHUNK, DEFAULT_N, 
 @click.option("--compile", "compile_", is_flag=True,
               help="torch engine: run the experts through torch.compile (fastest CPU path with --precision bf16).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Labels file (.npz) to write or resume.")
+@shard_option()
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, fraction, start, batch, chunk, seed, device,
-                   engine, precision, threads, compile_, out, quiet):
+                   engine, precision, threads, compile_, out, shard, quiet):
     """Router labels: certify every image with every expert on a cheap budget.
 
     For each image and expert k: Cohen's CERTIFY with N0/N samples gives R_k, set to 0 when the
     expert abstains or certifies a wrong class. Writes an .npz with indices, labels, radii [n, K],
     predictions [n, K], p_lower [n, K], the experts and the settings. The file is rewritten
-    atomically after every chunk; re-running the same command resumes a killed run.
+    atomically after every chunk; re-running the same command resumes a killed run. With
+    --shard K/N it labels the K-th of N round-robin parts of the selected images; join the
+    parts with `dualrs-route merge`.
     """
     from dualrs_route.experts.data import load_dataset
     from dualrs_route.experts.folders import load_folder
@@ -77,6 +81,9 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
     ds = load_dataset(dataset, split=split, data=data)
     indices = select_label_indices(len(ds), max_images=max_images, fraction=fraction, seed=seed, start=start)
     selection = {"max": max_images, "fraction": fraction, "start": start}
+    if shard:
+        indices = shard.select(indices)
+        selection["shard"] = str(shard)
     bar = None if quiet else click.progressbar(length=len(indices), label="labels", file=sys.stderr, show_pos=True,
                                                show_eta=True)
     log = None if quiet else (lambda message: click.echo(message, err=True))
