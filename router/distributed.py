@@ -16,8 +16,12 @@ Failures (our own resubmission on top of Ray's actor restarts): actors are creat
 ``max_restarts=MAX_RESTARTS`` and ``max_task_retries=0``. When a call fails because its actor
 died (process killed, node lost), the driver puts the example back at the front of the queue,
 where the next free actor takes it, and pings the dead actor; once Ray has restarted it (it
-reloads its models) it gets work again. An actor past its restarts drops out; when every actor
-has, the run stops with one line, and re-running the command resumes after the rows written.
+reloads its models) it gets work again. An example that was in flight on a dead actor is sent
+again **alone** (its actor gets no other call meanwhile), so a later death is its own; after
+MAX_REQUEUES re-queues, a third death stops the run with one line naming its idx (an example that
+crashes its worker would otherwise use up every restart). An actor past its restarts drops out;
+when every actor has, the run stops with one line. Either way the rows before the failure are
+written, and re-running the command resumes after them.
 An error raised by the certification itself (bad input, non-finite output) is not retried: it
 ends the run with that error.
 """
@@ -37,6 +41,7 @@ from .run import RunPlan, Runner, engine_settings
 
 INSTALL_HINT = "Ray is not installed; install it with: pip install 'dualrs-route[distributed]'"
 MAX_RESTARTS = 3
+MAX_REQUEUES = 2  # re-queues of one example whose actor died; the next death stops the run
 IN_FLIGHT = 2  # calls queued per actor, so that it never waits for the driver
 
 
@@ -168,35 +173,49 @@ class RayRows:
                                   f"{emitted} rows were written: re-run the same command to resume")
             ready, _ = self.ray.wait(list(state.calls) + list(state.pings), num_returns=1)
             for ref in ready:
-                self._collect(state, ref)
+                self._collect(state, ref, indices)
             while emitted in state.finished:
                 yield state.finished.pop(emitted)
                 emitted += 1
 
     def _submit(self, state: "_Dispatch", task: str, dataset: Dataset, indices: list[int]) -> None:
-        """Fill every working actor up to IN_FLIGHT calls, lowest positions first."""
+        """Fill every working actor up to IN_FLIGHT calls, lowest positions first; an example whose
+        actor died before (a suspect) goes alone to an idle actor."""
         for k in list(state.live):
-            while state.live[k] < IN_FLIGHT and state.queue:
-                pos = heapq.heappop(state.queue)
+            while state.live[k] < IN_FLIGHT and state.queue and k not in state.alone:
+                pos = state.queue[0]
+                if pos in state.deaths:
+                    if state.live[k]:
+                        break
+                    state.alone.add(k)
+                heapq.heappop(state.queue)
                 i = indices[pos]
                 state.calls[self.actors[k].row.remote(task, dataset.image(i), int(dataset.labels[i]), i)] = (k, pos)
                 state.live[k] += 1
 
-    def _collect(self, state: "_Dispatch", ref) -> None:
-        """A finished call: keep its row, or, if its actor died, re-queue the example and ping the actor."""
+    def _collect(self, state: "_Dispatch", ref, indices: list[int]) -> None:
+        """A finished call: keep its row, or, if its actor died, re-queue the example (DualRSError
+        after MAX_REQUEUES) and ping the actor."""
         if ref in state.pings:
-            self._revive(state.pings.pop(ref), ref, state.live)
+            self._revive(state.pings.pop(ref), ref, state)
             return
         k, pos = state.calls.pop(ref)
         try:
             state.finished[pos] = self._get(ref)
         except self.ray.exceptions.RayActorError:
+            state.deaths[pos] = state.deaths.get(pos, 0) + 1
+            if state.deaths[pos] > MAX_REQUEUES:
+                raise DualRSError(f"example {indices[pos]} ended its Ray worker {state.deaths[pos]} times (the "
+                                  f"last {MAX_REQUEUES} alone on it); stopping. Rows already written are kept: fix "
+                                  "the cause (out of memory? a crash in the model?) and re-run the same command "
+                                  "to resume") from None
             heapq.heappush(state.queue, pos)
             self.retried += 1
             if k in state.live:  # first failure seen from this actor: no more work until Ray restarts it
                 del state.live[k]
                 state.pings[self._ping(k)] = k
             return
+        state.alone.discard(k)
         if k in state.live:
             state.live[k] -= 1
 
@@ -205,7 +224,7 @@ class RayRows:
         gone for good (past its restarts)."""
         return self.actors[k].start.options(max_task_retries=-1).remote()
 
-    def _revive(self, k: int, ref, live: dict) -> None:
+    def _revive(self, k: int, ref, state: "_Dispatch") -> None:
         """A ping to a dead actor came back: it restarted (back to work) or is gone for good (dropped)."""
         try:
             started = self._get(ref)
@@ -214,7 +233,8 @@ class RayRows:
         self._check_engines(started)
         self.pids[k], self.nodes[k] = started["pid"], started["node"]
         self.restarts += 1
-        live[k] = 0  # a restarted actor has no calls in flight: the old ones failed
+        state.live[k] = 0  # a restarted actor has no calls in flight: the old ones failed
+        state.alone.discard(k)
 
     def close(self) -> None:
         for actor in getattr(self, "actors", []):
@@ -228,7 +248,8 @@ class RayRows:
 @dataclasses.dataclass
 class _Dispatch:
     """The driver's book-keeping during :meth:`RayRows.rows`: positions (into the indices) still to
-    send, as a heap; calls in flight per working actor; pending calls and pings; finished rows by position."""
+    send, as a heap; calls in flight per working actor; pending calls and pings; finished rows by position;
+    how often each position's actor died; the actors running a suspect alone."""
 
     actors: int
     size: int
@@ -237,6 +258,8 @@ class _Dispatch:
     calls: dict = dataclasses.field(default_factory=dict)  # ref -> (actor slot, position)
     pings: dict = dataclasses.field(default_factory=dict)  # ref -> actor slot
     finished: dict = dataclasses.field(default_factory=dict)  # position -> row
+    deaths: dict = dataclasses.field(default_factory=dict)  # position -> times its actor died under it
+    alone: set = dataclasses.field(default_factory=set)  # actor slots running a suspect, nothing else
 
     def __post_init__(self):
         self.queue = list(range(self.size))  # sorted, hence already a heap

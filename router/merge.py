@@ -12,12 +12,16 @@ naming the offending file(s), parts that
 The merged result file holds the rows in index order, byte for byte as the parts wrote them,
 so it equals an unsharded run's file except for the ``time`` column; its sidecar has the
 unsharded settings (an unsharded ``certify --out MERGED`` finds it complete) and lists the
-parts under ``merged_from``. Sidecar first, then the TSV, each written atomically, so a merged
-TSV never exists without its sidecar.
+parts under ``merged_from``. Every row of every part must pass the checks a resume applies
+(:class:`~.results.RowChecker`). The merge holds ``--out``'s lock (:func:`~.results.acquire_lock`,
+as a certify run on it would) and writes the sidecar, then the TSV, each atomically, so a merged
+TSV never exists without its sidecar; if the TSV cannot be written the new sidecar is removed, so
+that the merge can simply be run again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +36,7 @@ from dualrs_route.experts.atomic import atomic_write_text
 from dualrs_route.experts.data import select_indices
 from dualrs_route.experts.errors import DataError
 
-from .results import diff_settings, sidecar_path, write_json_atomic
+from .results import RowChecker, acquire_lock, diff_settings, release_lock, sidecar_path, write_json_atomic
 from .shards import parse_shard
 
 # --- checks shared by every kind of part ---
@@ -86,20 +90,21 @@ def _check_out(out: Path, parts: Sequence[Path]) -> None:
 # --- result TSVs ---
 
 
+ROW_KEYS = ("idx", "label", "predict", "correct")  # the columns every results file has (predict's too)
+
+
 @dataclass
 class ResultPart:
     path: Path
     metadata: dict
     header: str
     lines: list[str]  # data rows, exactly as written, without the newline
-
-    @property
-    def idx(self) -> list[int]:
-        return [int(line.split("\t", 1)[0]) for line in self.lines]
+    idx: list[int]  # each row's idx
 
 
 def read_part(path: str | os.PathLike) -> ResultPart:
-    """A result TSV and its sidecar, for merging; DataError if either is missing or damaged."""
+    """A result TSV and its sidecar, for merging; DataError if either is missing or damaged, or if
+    a row fails the checks of a resume (:class:`~.results.RowChecker`, naming the file and line)."""
     path = Path(path)
     side = sidecar_path(path)
     if not side.is_file():
@@ -112,11 +117,12 @@ def read_part(path: str | os.PathLike) -> ResultPart:
     if not raw.endswith("\n"):
         raise DataError(f"{path} is incomplete: its last row is cut off; re-run its command to finish it")
     header, *lines = raw[:-1].split("\n")
-    try:
-        [int(line.split("\t", 1)[0]) for line in lines]
-    except ValueError:
-        raise DataError(f"{path}: a row does not start with an integer idx; not a results file") from None
-    return ResultPart(path, metadata, header, lines)
+    columns = header.split("\t")
+    if not set(ROW_KEYS) <= set(columns):
+        raise DataError(f"{path}: not a results file (its header lacks {[c for c in ROW_KEYS if c not in columns]})")
+    checker = RowChecker(path, columns, columns)
+    idx = [checker.check(line, number)[1]["idx"] for number, line in enumerate(lines, start=2)]
+    return ResultPart(path, metadata, header, lines, idx)
 
 
 def merge_results(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, command: str = "") -> dict:
@@ -124,6 +130,15 @@ def merge_results(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     Returns the merged sidecar."""
     paths = [Path(p) for p in paths]
     out = Path(out)
+    lock = acquire_lock(out)
+    try:
+        return _merge_results(paths, out, command)
+    finally:
+        release_lock(lock, out)
+
+
+def _merge_results(paths: list[Path], out: Path, command: str) -> dict:
+    """:func:`merge_results` under ``out``'s lock."""
     _check_out(out, paths)
     parts = [read_part(p) for p in paths]
     names = [str(p) for p in paths]
@@ -144,7 +159,12 @@ def merge_results(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     metadata = merged_metadata(parts[0].metadata, [p.metadata for p in parts], names, command)
     metadata["selection"] = dict(parts[0].metadata["selection"], selected=len(selection), shard=None)
     write_json_atomic(sidecar_path(out), metadata)
-    atomic_write_text(out, parts[0].header + "\n" + "".join(line + "\n" for _, line in rows))
+    try:
+        atomic_write_text(out, parts[0].header + "\n" + "".join(line + "\n" for _, line in rows))
+    except BaseException:
+        with contextlib.suppress(OSError):  # no sidecar without its TSV: a retry finds --out free
+            sidecar_path(out).unlink()
+        raise
     return metadata
 
 

@@ -297,11 +297,14 @@ class ResultsWriter:
         self.done.add(int(row["idx"]))
 
     def close(self, *, after_error: bool = False, **final) -> None:
-        """Record ``final`` in the sidecar and release the lock. With ``after_error`` (the run is
-        failing already) a sidecar that cannot be written is left as it was, so the first error is
-        the one reported."""
+        """Close the rows, record ``final`` in the sidecar and release the lock (always). A failed close
+        or sidecar write is an :class:`OutputError`; with ``after_error`` (the run is failing already)
+        it is not raised and the sidecar is left as it was, so the first error is the one reported."""
         try:
-            self._handle.close()
+            try:
+                self._handle.close()
+            except OSError as exc:
+                raise output_error(self.path, exc, kept="rows already written are kept; re-running resumes") from exc
             self.metadata.update(final)
             write_json_atomic(sidecar_path(self.path), self.metadata)
         except OutputError:
@@ -409,6 +412,23 @@ def oracle_table(tables: Sequence[ResultTable], name: str = "oracle (best expert
                        expert)
 
 
+def stop_radius_note(name: str, settings: dict) -> str | None:
+    """For a run with ``--target-radius`` or ``--max-radius`` (rows stop once certified there), the
+    note that its certified accuracy above that radius, and its ACR, are understated; else None."""
+    sequential = settings.get("sequential")
+    if not isinstance(sequential, dict):
+        return None
+    given = {flag: sequential.get(key) for flag, key in (("--target-radius", "target_radius"),
+                                                          ("--max-radius", "max_radius"))
+             if isinstance(sequential.get(key), (int, float))}
+    if not given:
+        return None
+    radius = min(given.values())
+    return (f"{name} ran with {' and '.join(f'{flag} {value:g}' for flag, value in given.items())}: its rows stop "
+            f"once certified at radius {radius:g}, so its certified accuracy above {radius:g} (and its ACR) is "
+            "understated")
+
+
 def format_markdown(summaries: Sequence[dict], radii: Sequence[float] = DEFAULT_RADII) -> str:
     """A markdown table: one row per summary, certified accuracy (%) per radius, ACR, abstain rate."""
     head = ["run", "n"] + [f"r={r:g}" for r in radii] + ["ACR", "abstain"]
@@ -479,6 +499,9 @@ def report_from_tables(tables: Sequence[ResultTable], radii: Sequence[float] = D
                 notes.append(f"{s['name']} captures {100 * captured[s['name']]:.0f}% of the oracle's ACR gain over the "
                              f"best single expert ({s['acr']:.3f} vs {envelope['acr']:.3f}; oracle {oracle_row['acr']:.3f})")
     for s, t in zip(summaries, tables):
+        stopped = stop_radius_note(s["name"], t.metadata.get("settings", {}))
+        if stopped:
+            notes.append(stopped)
         if s["samples_per_row"] is not None:
             notes.append(f"{s['name']} (sequential) drew {s['samples_per_row']:.0f} noisy samples per row on average")
         if t.mode == "best-radius":

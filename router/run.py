@@ -55,7 +55,8 @@ class SequentialOptions:
 def sequential_options(sequential: bool, target_radius: float | None, radius_tol: float | None,
                        first_look: int | None, radius_grid: float | None = None,
                        max_radius: float | None = None) -> SequentialOptions | None:
-    """Validate the sequential options; ``target_radius`` implies sequential. None for a fixed-N run."""
+    """Validate the sequential options; ``target_radius`` implies sequential and excludes ``radius_tol``
+    and ``radius_grid`` (its stop rule ignores them). None for a fixed-N run."""
     if not (sequential or target_radius is not None):
         if any(v is not None for v in (radius_tol, first_look, radius_grid, max_radius)):
             raise IncompatibleModelsError("--radius-tol, --radius-grid, --max-radius and --first-look apply only "
@@ -63,6 +64,10 @@ def sequential_options(sequential: bool, target_radius: float | None, radius_tol
         return None
     if radius_tol is not None and radius_grid is not None:
         raise IncompatibleModelsError("pass --radius-tol or --radius-grid, not both")
+    if target_radius is not None and (radius_tol is not None or radius_grid is not None):
+        raise IncompatibleModelsError("--radius-tol and --radius-grid do not apply with --target-radius, which "
+                                      "decides 'certified at R?' instead of improving the radius; drop them or use "
+                                      "--sequential")
     first = check_count(DEFAULT_FIRST_LOOK if first_look is None else first_look, "--first-look")
     try:
         policy = StopPolicy(target_radius, DEFAULT_RADIUS_TOL if radius_tol is None else float(radius_tol),
@@ -387,7 +392,8 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
                 writer.write(row)
             failed = False
         finally:
-            writer.close(after_error=failed, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=len(writer.done) >= len(selected),
+            writer.close(after_error=failed, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                         complete=set(selected) <= writer.done,
                          last_session_seconds=round(time.perf_counter() - started, 3))
     finally:
         source.close()

@@ -167,11 +167,12 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
               help="Decide 'certified at radius R or not' with the fewest samples (implies --sequential).")
 @click.option("--radius-tol", type=float, default=None,
               help="Sequential: stop once the radius reachable within --N is at most this much above the "
-                   "current one (pixel L2 units; default 0.01; not used with --target-radius).")
+                   "current one (pixel L2 units; default 0.01; refused with --target-radius).")
 @click.option("--radius-grid", type=float, default=None, metavar="STEP",
               help="Sequential, instead of --radius-tol: stop once no multiple of STEP (e.g. 0.25) lies between "
                    "the current radius and the one reachable within --N, so certified accuracy at every "
-                   "multiple of STEP is as if run to the cap (lost with probability <= 2 alpha per row).")
+                   "multiple of STEP is as if run to the cap (lost with probability <= 2 alpha per row; refused "
+                   "with --target-radius).")
 @click.option("--max-radius", type=float, default=None, metavar="R",
               help="Sequential: radii above R are worth nothing to you (e.g. the largest radius you analyse); "
                    "a row stops once certified at R.")

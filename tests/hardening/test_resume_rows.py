@@ -77,3 +77,32 @@ def test_a_bad_row_in_the_middle_is_refused_naming_file_and_line(partial_run, ca
     line = one_error_line(invoke(*certify_args(folder, data, cut)), mentions=f"{cut}, line 6")
     assert mentions in line
     assert cut.read_bytes() == before  # nothing dropped, nothing appended
+
+
+def test_rows_outside_the_selection_never_make_a_run_complete(cli_expert, tmp_path):
+    """A file holding as many rows as selected examples, some of them for other indices, is not
+    complete: a resume that fails part-way must record complete = false (a count would say true)."""
+    from dualrs_route.experts.data import load_dataset
+    from dualrs_route.experts.errors import DualRSError
+    from dualrs_route.router.run import LocalRows, execute, plan_run
+
+    class StopsAfterOneRow(LocalRows):
+        def rows(self, *args):
+            yield next(super().rows(*args))
+            raise DualRSError("stopped part-way")
+
+    folder, data, _, _ = cli_expert
+    full, out = tmp_path / "full.tsv", tmp_path / "out.tsv"
+    assert invoke(*certify_args(folder, data, full)).exit_code == 0  # idx 0..23
+    assert invoke(*certify_args(folder, data, out, "--max", 6)).exit_code == 0  # idx 0..5
+    kept = out.read_text().splitlines(keepends=True)[:3] + full.read_text().splitlines(keepends=True)[-4:]
+    out.write_text("".join(kept))  # idx 0, 1 and 20..23: six rows, but only two of the six selected
+    plan = plan_run(experts=[str(folder)], n0=20, n=200, alpha=0.01, seed=3)
+    with pytest.raises(DualRSError, match="stopped part-way"):
+        execute(plan, load_dataset(f"npz:{data}"), skip=1, max_index=6, out_path=out, data=None, command="certify",
+                rows=StopsAfterOneRow)
+    assert [line.split("\t")[0] for line in out.read_text().splitlines()[1:]] == ["0", "1", "20", "21", "22", "23",
+                                                                                 "2"]
+    assert json.loads(sidecar_path(out).read_text())["complete"] is False
+    assert invoke(*certify_args(folder, data, out, "--max", 6)).exit_code == 0  # the resume certifies 3, 4, 5
+    assert json.loads(sidecar_path(out).read_text())["complete"] is True

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -150,6 +151,34 @@ def test_sidecar_path_that_is_a_folder_is_one_line_and_leaves_no_temporary_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.tsv.json", "data.npz", "lin3"])
     with pytest.raises(OutputError, match=f"cannot write {sidecar_path(out)}: .*it is a folder"):
         ResultsWriter(out, settings={}, metadata={})  # the library's own error, not only the CLI's
+
+
+class FailingClose:
+    """A rows handle whose close reports a deferred write error (as NFS or a full disk can at close)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def close(self):
+        self.handle.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_close_is_one_output_error_that_never_masks_an_earlier_one(tmp_path):
+    out = tmp_path / "r.tsv"
+    writer = ResultsWriter(out, settings={}, metadata={})
+    writer._handle = FailingClose(writer._handle)
+    with pytest.raises(OutputError, match=f"^cannot write {out}: No space left on device; the disk is full"):
+        writer.close(complete=True)
+    assert not lock_path(out).exists()  # released all the same
+    writer = ResultsWriter(out, settings={}, metadata={})  # and the file resumes
+    writer._handle = FailingClose(writer._handle)
+    with pytest.raises(ValueError, match="^the first error$"):
+        try:
+            raise ValueError("the first error")
+        finally:
+            writer.close(after_error=True, complete=False)
+    assert not lock_path(out).exists()
 
 
 # --- case 10: no fixed temporary name ---

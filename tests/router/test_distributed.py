@@ -6,6 +6,7 @@ a small N and a few examples keep each run short.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -82,13 +83,14 @@ class Borrowed:
         pass
 
 
-def run_on(workers, out, progress=None):
+def run_on(workers, out, progress=None, dataset=None):
     from dualrs_route.experts.data import load_dataset
     from dualrs_route.router.run import execute
 
     plan, source = workers
-    execute(plan, load_dataset("digits", split="test"), skip=1, max_index=24, out_path=out, data=None,
-            command="test", progress=progress, rows=lambda p: Borrowed(source))
+    dataset = load_dataset("digits", split="test") if dataset is None else dataset
+    execute(plan, dataset, skip=1, max_index=24, out_path=out, data=None, command="test", progress=progress,
+            rows=lambda p: Borrowed(source))
 
 
 def test_ray_resumes_a_file_that_one_process_started(workers, one_process, tmp_path):
@@ -114,6 +116,44 @@ def test_killing_a_worker_mid_run_loses_nothing(workers, one_process, tmp_path):
     out = tmp_path / "killed.tsv"
     run_on(workers, out, progress=kill_after_first_row)
     assert source.retried > before  # the killed worker's pending examples really were re-queued
+    assert without_time(out) == without_time(one_process)
+
+
+class EndsItsProcess:
+    """Unpickled in the Ray worker that receives it (as a call's argument), it ends that process at once."""
+
+    def __reduce__(self):
+        return os._exit, (1,)
+
+
+KILLER = 5
+
+
+def killer_digits():
+    """The digits test split, but example KILLER's image ends the worker that gets it (as a crash would)."""
+    from dualrs_route.experts.data import Dataset, load_dataset
+
+    class Killer(Dataset):
+        def image(self, i):
+            return EndsItsProcess() if i == KILLER else super().image(i)
+
+    digits = load_dataset("digits", split="test")
+    return Killer(digits.name, digits.split, digits.images, digits.labels, digits.class_names)
+
+
+def test_an_example_that_keeps_killing_its_worker_stops_the_run_naming_it(workers, one_process, tmp_path):
+    from dualrs_route.router.distributed import MAX_REQUEUES
+
+    _, source = workers
+    before = source.retried
+    out = tmp_path / "killer.tsv"
+    with pytest.raises(DualRSError, match=f"^example {KILLER} ended its Ray worker {MAX_REQUEUES + 1} times"):
+        run_on(workers, out, dataset=killer_digits())
+    assert source.retried - before >= MAX_REQUEUES  # it was re-queued (so were calls that shared its worker)
+    written = Path(out).read_text().splitlines()
+    assert [line.split("\t")[0] for line in written[1:]] == [str(i) for i in range(KILLER)]  # in order, up to it
+    assert json.loads(Path(str(out) + ".json").read_text())["complete"] is False
+    run_on(workers, out)  # the cause fixed, the same run resumes after the rows written
     assert without_time(out) == without_time(one_process)
 
 

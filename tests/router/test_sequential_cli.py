@@ -50,6 +50,7 @@ def test_sequential_rows_have_the_new_columns_and_save_samples(cli_expert, tmp_p
     assert len(table.idx) == 24
     report = invoke("analyze", out)
     assert report.exit_code == 0 and "noisy samples per row" in report.output
+    assert "understated" not in report.output  # no target or max radius: rows run to their stop rules
 
 
 def test_one_look_sequential_rows_equal_fixed_n_rows(cli_expert, tmp_path):
@@ -90,14 +91,34 @@ def test_grid_and_max_radius_runs_record_their_settings(cli_expert, tmp_path):
     assert all(r["stop"] != "target" or float(r["radius"]) >= 0.3 for r in rows)
     seq = json.loads(Path(str(out) + ".json").read_text())["settings"]["sequential"]
     assert (seq["radius_grid"], seq["max_radius"]) == (0.1, 0.3)
+    report = invoke("analyze", out)
+    assert report.exit_code == 0, report.output
+    assert ("grid ran with --max-radius 0.3: its rows stop once certified at radius 0.3, so its certified "
+            "accuracy above 0.3 (and its ACR) is understated") in report.output
 
 
-def test_min_aware_router_rows(tmp_path, cli_expert):
-    folder, data, weight, bias = cli_expert
+def test_analyze_notes_that_a_target_radius_run_understates_larger_radii(cli_expert, tmp_path):
+    folder, data, _, _ = cli_expert
+    out = tmp_path / "target.tsv"
+    assert invoke(*args(folder, data, out, "--target-radius", 0.2, "--max-radius", 0.5, n=400)).exit_code == 0
+    report = invoke("analyze", "--format", "json", out)
+    assert report.exit_code == 0, report.output
+    assert ("target ran with --target-radius 0.2 and --max-radius 0.5: its rows stop once certified at radius 0.2, "
+            "so its certified accuracy above 0.2 (and its ACR) is understated") in json.loads(report.output)["notes"]
+
+
+def linear_router(tmp_path, cli_expert):
+    """A linear router over the fixture's expert and a second one (sigma 0.5); returns (router, data)."""
+    _, data, weight, bias = cli_expert
     write_linear_folder(tmp_path / "lin3b", weight=weight[::-1].copy(), bias=bias, sigma=0.5, input_shape=(1, 4, 4))
     router = write_linear_folder(tmp_path / "router", weight=np.random.default_rng(5).normal(size=(2, 16)),
                                  bias=np.zeros(2), sigma=0.5, kind="router", experts=["../lin3", "../lin3b"],
                                  input_shape=(1, 4, 4))
+    return router, data
+
+
+def test_min_aware_router_rows(tmp_path, cli_expert):
+    router, data = linear_router(tmp_path, cli_expert)
     out = tmp_path / "routed.tsv"
     result = invoke("certify", "--router", router, "--dataset", f"npz:{data}", "--N0", 20, "--N", 400,
                     "--router-N", 400, "--alpha", 0.02, "--quiet", "--out", out, "--sequential")
@@ -112,6 +133,26 @@ def test_min_aware_router_rows(tmp_path, cli_expert):
                                                              float(row["radius_expert"])), abs=2e-6)
 
 
+def test_one_look_min_aware_rows_equal_fixed_n_dual_rows_with_unequal_alpha_and_beta(tmp_path, cli_expert):
+    """The router's share (--alpha-router 0.001) differs from the expert's (0.019) and --router-N from --N,
+    so a swap of alpha and beta (or of the two budgets) in the sequential dual wiring changes the bounds."""
+    router, data = linear_router(tmp_path, cli_expert)
+    fixed, seq = tmp_path / "fixed.tsv", tmp_path / "seq.tsv"
+    common = ["certify", "--router", router, "--dataset", f"npz:{data}", "--N0", 20, "--N", 400, "--router-N", 300,
+              "--alpha", 0.02, "--alpha-router", 0.001, "--seed", 3, "--quiet"]
+    assert invoke(*common, "--out", fixed).exit_code == 0
+    result = invoke(*common, "--out", seq, "--sequential", "--first-look", 400)  # one look per stage: 400, 300
+    assert result.exit_code == 0, result.output
+    keep = [c for c in COLUMNS if c != "time"]
+    seq_rows, fixed_rows = rows_of(seq), rows_of(fixed)
+    assert [{c: r[c] for c in keep} for r in seq_rows] == [{c: r[c] for c in keep} for r in fixed_rows]
+    assert all(r["n_router_used"] == "300" for r in seq_rows)
+    routed = [r for r in seq_rows if r["p_expert_lower"] != "-"]
+    assert len(routed) > 12 and all(r["n_expert_used"] == "400" for r in routed)  # the expert stage ran
+    meta = json.loads(Path(str(seq) + ".json").read_text())
+    assert meta["settings"]["alpha_expert"] == pytest.approx(0.019) and meta["settings"]["alpha_router"] == 0.001
+
+
 @pytest.mark.parametrize("extra, mentions", [
     (("--radius-tol", 0.1), "--sequential"),
     (("--first-look", 10), "--sequential"),
@@ -122,6 +163,8 @@ def test_min_aware_router_rows(tmp_path, cli_expert):
     (("--max-radius", 1.0), "--sequential"),
     (("--sequential", "--radius-grid", 0.25, "--radius-tol", 0.01), "not both"),
     (("--sequential", "--radius-grid", 0), "grid"),
+    (("--target-radius", 0.1, "--radius-tol", 0.05), "do not apply with --target-radius"),
+    (("--target-radius", 0.1, "--radius-grid", 0.25), "do not apply with --target-radius"),
 ])
 def test_bad_sequential_options_fail_cleanly(cli_expert, tmp_path, extra, mentions):
     folder, data, _, _ = cli_expert

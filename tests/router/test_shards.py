@@ -176,6 +176,54 @@ def test_merge_refuses_an_existing_out(runs):
     assert Path(full).read_text() == before
 
 
+def test_merge_refuses_a_bad_row_in_a_complete_part_naming_file_and_line(runs, tmp_path):
+    _, _, _, parts = runs
+    lines = Path(parts[1]).read_text().split("\n")
+    cells = lines[2].split("\t")  # line 3 of the file (idx 8): its first column is fine
+    cells[4] = str(1 - int(cells[4]))  # 'correct' now disagrees with predict and label
+    lines[2] = "\t".join(cells)
+    Path(parts[1]).write_text("\n".join(lines))
+    line = one_error(invoke("merge", "--out", tmp_path / "m.tsv", *parts), f"{parts[1]}, line 3: correct = ")
+    assert "disagrees with predict" in line
+    assert not (tmp_path / "m.tsv").exists() and not sidecar(tmp_path / "m.tsv").exists()
+
+
+def test_a_merge_whose_tsv_cannot_be_written_leaves_nothing_behind_and_can_be_retried(runs, tmp_path, monkeypatch):
+    from dualrs_route.experts.errors import OutputError
+    from dualrs_route.router import merge
+    from dualrs_route.router.results import lock_path
+
+    _, _, full, parts = runs
+    out = tmp_path / "m.tsv"
+
+    def disk_full(path, text):
+        raise OutputError(f"cannot write {path}: No space left on device; the disk is full")
+
+    monkeypatch.setattr(merge, "atomic_write_text", disk_full)
+    one_error(invoke("merge", "--out", out, *parts), "the disk is full")
+    assert not out.exists() and not sidecar(out).exists() and not lock_path(out).exists()
+    monkeypatch.undo()
+    result = invoke("merge", "--out", out, *parts)
+    assert result.exit_code == 0, result.output
+    assert without_time(out) == without_time(full)
+
+
+def test_merge_holds_the_lock_of_its_out(runs, tmp_path):
+    import os
+
+    from dualrs_route.router.results import acquire_lock, release_lock
+
+    _, _, _, parts = runs
+    out = tmp_path / "m.tsv"
+    lock = acquire_lock(out)  # as a certify run writing that file holds it
+    try:
+        one_error(invoke("merge", "--out", out, *parts), f"is being written by another process (PID {os.getpid()}")
+        assert not out.exists() and not sidecar(out).exists()
+    finally:
+        release_lock(lock, out)
+    assert invoke("merge", "--out", out, *parts).exit_code == 0
+
+
 def test_predict_shards_merge_too(cli_expert, tmp_path):
     folder, data, _, _ = cli_expert
     common = ["predict", "--expert", folder, "--dataset", f"npz:{data}", "--N", 100, "--alpha", 0.01, "--quiet"]
