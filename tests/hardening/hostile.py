@@ -12,6 +12,8 @@ from click.testing import CliRunner
 
 from dualrs_route.cli import main
 
+from cli_checks import one_error_line  # noqa: F401  (re-exported for the hardening tests)
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Runs the CLI in a real process whose writer stops after DUALRS_TEST_ROWS rows: with
@@ -40,20 +42,6 @@ _DRIVER = textwrap.dedent("""
 
 def invoke(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
-
-
-def one_error_line(result, mentions: str | None = None) -> str:
-    """Assert exit code 1 or 2, no traceback and exactly one 'Error:' line; return that line."""
-    assert result.exit_code in (1, 2), result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert not any("Traceback" in line for line in lines), result.output
-    errors = [line for line in lines if line.startswith("Error:")]
-    others = [line for line in lines if not line.startswith(("Error:", "Usage:", "Try ", "warning:"))]
-    assert len(errors) == 1 and not others, result.output
-    if mentions:
-        assert mentions.lower() in errors[0].lower(), errors[0]
-    return errors[0]
 
 
 def certify_args(expert, data, out, *extra):

@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from dualrs_route.cli import main
-from dualrs_route.router.results import COHEN_COLUMNS, COLUMNS
+from dualrs_route.router.results import COLUMNS
+from cli_checks import one_error_line
 from rs_oracle import write_linear_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,18 +41,10 @@ def without_time(rows):
 
 def assert_clean_failure(result, out: Path | None = None, mentions: str | None = None):
     """Non-zero exit, exactly one error line (click's usage lines aside), no traceback, no output files."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert not any("Traceback" in line for line in lines), result.output
-    errors = [line for line in lines if line.startswith("Error:")]
-    others = [line for line in lines if not line.startswith(("Error:", "Usage:", "Try ", "warning:"))]
-    assert len(errors) == 1 and not others, result.output
-    if mentions:
-        assert mentions.lower() in errors[0].lower(), errors[0]
+    line = one_error_line(result, mentions, exit_codes=range(1, 256))
     if out is not None:
         assert not Path(out).exists() and not sidecar(out).exists()
-    return errors[0]
+    return line
 
 
 def certify_args(expert, data, out, *extra):
