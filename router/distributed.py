@@ -309,6 +309,7 @@ class RayChunks:
         self.ray, self._owns_session = connect(address, workers * threads)
         self.retried = 0  # chunks given back to the queue after their actor died
         self.restarts = 0  # actors back at work after Ray restarted them
+        self._pings = {}  # ref -> actor slot: dead actors that get no work until Ray has restarted them
         worker_class = self.ray.remote(ChunkWorker).options(
             num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS, max_task_retries=0)
         try:
@@ -338,8 +339,9 @@ class RayChunks:
         called on the driver when the chunk is sent (again if it is re-sent)."""
         chunks = list(chunks)
         queue = list(range(len(chunks)))  # positions still to send (a heap)
-        idle = set(range(len(self.actors)))  # working actors without a call
-        calls, pings, finished, deaths = {}, {}, {}, {}
+        pings = self._pings  # kept from an earlier map: an actor may still be restarting
+        idle = set(range(len(self.actors))) - set(pings.values())  # working actors without a call
+        calls, finished, deaths = {}, {}, {}
         emitted, window = 0, 2 * len(self.actors)
         while emitted < len(chunks):
             while idle and queue and queue[0] < emitted + window:

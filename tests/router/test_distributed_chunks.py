@@ -102,64 +102,62 @@ def test_killing_a_worker_mid_labels_run_loses_nothing(cluster, tmp_path):
     assert np.array_equal(killed.radii, single.radii)
 
 
-# --- RayChunks itself, with a toy job ---
+# --- RayChunks itself, with a toy job (one pool of two actors for the tests below, in this order) ---
 
 
 class Toy:
+    """A chunk ``x`` is ``10 x``, after ``delay`` seconds; with ``marker`` its worker dies the first
+    time (the marker file records it), with ``always`` every time."""
+
     engines = "toy"
 
-    def __init__(self, job: "ToyJob"):
-        self.job = job
-
-    def __call__(self, x: int) -> int:
-        time.sleep(self.job.delays.get(x, 0.0))
-        if x == self.job.die_on and (self.job.always or not Path(self.job.marker).exists()):
-            Path(self.job.marker).touch()
+    def __call__(self, x: int, delay: float = 0.0, marker: str = "", always: bool = False) -> int:
+        time.sleep(delay)
+        if marker and (always or not Path(marker).exists()):
+            Path(marker).touch()
             os._exit(1)  # the worker process dies, as if killed
         return 10 * x
 
 
 @dataclasses.dataclass
 class ToyJob:
-    delays: dict
-    marker: str = ""
-    die_on: int = -1
-    always: bool = False
     folders: tuple = ()
     device: str = "cpu"
 
     def build(self) -> Toy:
-        return Toy(self)
+        return Toy()
 
 
-def toy_map(job, chunks):
+@pytest.fixture(scope="module")
+def toy_pool(cluster):
     from dualrs_route.router.distributed import RayChunks
 
-    pool = RayChunks(job, workers=2, threads=1)
-    try:
-        return list(pool.map(chunks, lambda c: (c,))), pool
-    finally:
-        pool.close()
+    pool = RayChunks(ToyJob(), workers=2, threads=1)
+    yield pool
+    pool.close()
 
 
-def test_chunks_come_back_in_order_when_later_ones_finish_first(cluster):
-    results, _ = toy_map(ToyJob(delays={0: 1.5}), range(6))
+def test_chunks_come_back_in_order_when_later_ones_finish_first(toy_pool):
+    results = list(toy_pool.map(range(6), lambda c: (c, 1.5 if c == 0 else 0.0)))
     assert results == [0, 10, 20, 30, 40, 50]
 
 
-def test_a_chunk_whose_worker_died_is_sent_again(cluster, tmp_path):
+def test_a_chunk_whose_worker_died_is_sent_again(toy_pool, tmp_path):
     marker = tmp_path / "died"
-    results, pool = toy_map(ToyJob(delays={}, marker=str(marker), die_on=2), range(6))
-    assert marker.exists() and pool.retried == 1
+    before = toy_pool.retried
+    results = list(toy_pool.map(range(6), lambda c: (c, 0.0, str(marker) if c == 2 else "")))
+    assert marker.exists() and toy_pool.retried == before + 1
     assert results == [0, 10, 20, 30, 40, 50]
 
 
-def test_a_chunk_that_always_kills_its_worker_stops_the_run(cluster, tmp_path):
+def test_a_chunk_that_always_kills_its_worker_stops_the_run(toy_pool, tmp_path):
     from dualrs_route.router.distributed import MAX_CHUNK_REQUEUES
 
-    job = ToyJob(delays={}, marker=str(tmp_path / "died"), die_on=1, always=True)
+    def args_of(c):
+        return (c, 0.0, str(tmp_path / "died") if c == 1 else "", True)
+
     with pytest.raises(DualRSError, match=f"^chunk 2 of 4 ended its Ray worker {MAX_CHUNK_REQUEUES + 1} times"):
-        toy_map(job, range(4))  # three deaths on two actors: a restarted actor took the chunk again
+        list(toy_pool.map(range(4), args_of))  # three deaths on two actors: a restarted one took it again
 
 
 def test_ray_options_need_ray_for_labels(tmp_path):
