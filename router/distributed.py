@@ -288,13 +288,16 @@ class RayChunks:
     """Chunks of work over ``workers`` Ray actors (:class:`ChunkWorker`), results in chunk order.
 
     ``job`` is a picklable dataclass with ``folders`` (the model folders every actor hash-checks),
-    ``device`` (``gpus`` defaults to 1 on cuda, else 0; cuda:N becomes the actor's cuda) and ``build()`` (called once per actor process; returns a callable with an ``engines`` attribute
+    ``device`` (``gpus`` defaults to 1 on cuda, else 0; cuda:N becomes the actor's cuda) and
+    ``build()`` (called once per actor process; returns a callable with an ``engines`` attribute
     that maps one chunk's arguments to its result). Every actor must report the same engines.
 
     :meth:`map` sends one chunk per actor at a time, so an actor's death is always its chunk's:
-    the chunk goes back to the front of the queue (at most MAX_CHUNK_REQUEUES times, then a DualRSError
-    naming it), the actor is pinged and takes work again once Ray has restarted it (it rebuilds
-    the job); an actor past MAX_RESTARTS drops out, and with none left the run stops with one line.
+    the chunk goes back to the front of the queue (at most MAX_CHUNK_REQUEUES times, then a
+    DualRSError naming it), the actor is pinged and takes work again once Ray has restarted it (it
+    rebuilds the job); an actor past MAX_RESTARTS drops out, and with none left the run stops with
+    one line. Results do not depend on which actor computed a chunk: the jobs key their noise by
+    (seed, image index, stage).
     Chunks finished ahead of the next one to yield are buffered, at most ``2 * workers`` of them.
     An error raised by the job itself is re-raised as itself and not retried.
     """

@@ -164,3 +164,13 @@ def test_ray_options_need_ray_for_labels(tmp_path):
     result = invoke(*LABELS, "--workers", 2, "--out", tmp_path / "x.npz")
     assert result.exit_code == 2 and "--workers and --gpus-per-worker need --ray" in result.output
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("command", [LABELS, SCORES], ids=["labels", "router-scores"])
+def test_missing_ray_gives_the_install_hint_and_no_file(command, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    result = invoke(*command, "--ray", "--out", tmp_path / "x.npz")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and lines == ["Error: Ray is not installed; install it with: "
+                                               "pip install 'dualrs-route[distributed]'"], result.output
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.npz.parts").exists()
