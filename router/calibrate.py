@@ -49,18 +49,66 @@ SCORES_FORMAT = "dualrs-route router scores v1"
 # 1. Router scores: logits on every noisy copy of the router stage
 # ---------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class ScoresJob:
+    """What a process needs to score chunks of images with a router (picklable: Ray actors get a copy)."""
+
+    folder: object  # the router's ModelFolder
+    n0: int
+    n: int
+    seed: int
+    batch: int = 400
+    engine: str = "auto"
+    device: str = "cpu"
+    threads: int | None = None
+
+    @property
+    def folders(self) -> list:
+        return [self.folder]
+
+    def build(self) -> "ScoreChunk":
+        """The chunk function, with the router's counter built without logit offsets."""
+        from dualrs_route.export.engines import make_counter
+
+        counter = make_counter(self.folder, engine=self.engine, device=self.device, batch_size=self.batch,
+                               threads=self.threads, raw_logits=True)
+        return ScoreChunk(counter, sigma=self.folder.config.sigma, n0=self.n0, n=self.n, seed=self.seed)
+
+
+class ScoreChunk:
+    """``(xs, idx) -> (select, estimate)``: a router's raw logits on one chunk's noisy copies."""
+
+    def __init__(self, counter, *, sigma: float, n0: int, n: int, seed: int):
+        if counter.logit_offsets is not None:
+            raise DataError("router scores are the network's raw logits: build the counter with raw_logits=True")
+        self.counter, self.sigma, self.n0, self.n, self.seed = counter, float(sigma), int(n0), int(n), int(seed)
+        self.engines = counter.describe() if hasattr(counter, "describe") else type(counter).__name__
+
+    def __call__(self, xs: np.ndarray, idx: Sequence[int]):
+        select = self.counter.logits_many(xs, self.sigma, self.n0,
+                                          keys=[NoiseKey(self.seed, i, Stage.ROUTER_SELECT) for i in idx])
+        estimate = self.counter.logits_many(xs, self.sigma, self.n,
+                                            keys=[NoiseKey(self.seed, i, Stage.ROUTER_ESTIMATE) for i in idx])
+        return select, estimate
+
+
 def collect_scores(counter, images_of: Callable[[Sequence[int]], np.ndarray], labels: Sequence[int],
                    indices: Sequence[int], *, sigma: float, n0: int, n: int, seed: int, out: str | os.PathLike,
-                   settings: dict, chunk: int = 10, progress: Callable | None = None) -> Path:
+                   settings: dict, chunk: int = 10, progress: Callable | None = None, source=None) -> Path:
     """Write the router's raw logits on its selection and estimation samples to ``out`` (.npz).
 
     ``counter`` is any :class:`~dualrs_route.experts.engine.NoisyCounter` built without logit
     offsets (``raw_logits=True``). Image ``indices[i]`` uses the noise streams (seed, index, ROUTER_SELECT /
     ROUTER_ESTIMATE) of dual CERTIFY. Work is saved every ``chunk`` images in ``out``.parts/,
     and a re-run with the same ``settings`` resumes there; the final file is written atomically.
+    ``source`` (a ``labels.LocalChunks`` or ``distributed.RayChunks`` over a :class:`ScoresJob`;
+    ``counter`` is then unused) computes the chunks elsewhere and yields them in order; this process writes every
+    part, so the file is the same. The caller closes it.
     """
-    if counter.logit_offsets is not None:
-        raise DataError("router scores are the network's raw logits: build the counter with raw_logits=True")
+    if source is None:
+        from .labels import LocalChunks
+
+        source = LocalChunks(ScoreChunk(counter, sigma=sigma, n0=n0, n=n, seed=seed))
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; delete it or choose another --out")
@@ -79,12 +127,9 @@ def collect_scores(counter, images_of: Callable[[Sequence[int]], np.ndarray], la
         meta_file.write_text(json.dumps(meta, indent=1) + "\n")
     groups = [list(indices[i:i + chunk]) for i in range(0, len(indices), chunk)]
     todo = [g for g in range(len(groups)) if not (parts / f"{g:06d}.npz").exists()]
-    iterator = progress(todo, len(todo)) if progress else todo
-    for g in iterator:
-        idx = groups[g]
-        xs = images_of(idx)
-        select = counter.logits_many(xs, sigma, n0, keys=[NoiseKey(seed, i, Stage.ROUTER_SELECT) for i in idx])
-        estimate = counter.logits_many(xs, sigma, n, keys=[NoiseKey(seed, i, Stage.ROUTER_ESTIMATE) for i in idx])
+    results = zip(todo, source.map(todo, lambda g: (images_of(groups[g]), groups[g])))
+    iterator = progress(results, len(todo)) if progress else results
+    for g, (select, estimate) in iterator:
         save_npz_atomic(parts / f"{g:06d}.npz", select=select, estimate=estimate)
     select, estimate = [], []
     for g in range(len(groups)):

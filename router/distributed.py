@@ -82,21 +82,19 @@ class CertifyWorker:
 
 def check_model_files(plan: RunPlan) -> None:
     """DualRSError unless every model file on this node hashes as it did when the driver loaded it."""
-    for folder in ([plan.router] if plan.router else []) + plan.experts:
-        for name, digest in folder.files.items():
-            path = folder.path / name
-            found = sha256_file(path) if path.is_file() else None
-            if found != digest:
-                raise DualRSError(f"Ray worker on {os.uname().nodename}: {path} is {'missing' if found is None else 'different'}"
-                                  f" (the driver's sha256 is {digest[:12]}...); every node needs the same model "
-                                  "files at the same path")
+    check_folder_files(([plan.router] if plan.router else []) + plan.experts)
 
 
 def worker_plan(plan: RunPlan, threads: int) -> RunPlan:
     """The plan an actor runs: ``threads`` intra-op threads, and on a GPU the device Ray assigned it
     (Ray sets CUDA_VISIBLE_DEVICES per actor, so its GPU is ``cuda``)."""
-    device = "cuda" if plan.device.startswith("cuda") else plan.device
-    return dataclasses.replace(plan, threads=threads, device=device)
+    return dataclasses.replace(plan, threads=threads, device=worker_device(plan.device))
+
+
+def worker_device(device: str) -> str:
+    """The device an actor uses for ``device``: on a GPU the one Ray assigned it (Ray sets
+    CUDA_VISIBLE_DEVICES per actor, so it is ``cuda``)."""
+    return "cuda" if device.startswith("cuda") else device
 
 
 def connect(address: str | None, num_cpus: int):
@@ -275,3 +273,150 @@ def check_resources(ray, workers: int, threads: int, gpus: float) -> None:
             raise DualRSError(f"{workers} Ray workers x ({threads} CPU, {gpus:g} GPU) need {need:g} {name} but the "
                               f"Ray cluster has {have.get(name, 0):g}; use fewer --workers, --threads or "
                               "--gpus-per-worker, or a larger cluster")
+
+
+# --- ordered chunks of work (labels, router-scores) over actors --------------------------------
+
+
+MAX_CHUNK_REQUEUES = 2  # re-sends of one chunk whose actor died; the next death stops the run
+
+
+class ChunkWorker:
+    """The actor body of :class:`RayChunks`: ``job.build()`` (its models loaded once, after the
+    sha256 check of ``job.folders``) gives the function that computes one chunk."""
+
+    def __init__(self, job, threads: int):
+        self.job = job
+        self.threads = threads
+        self.compute = None
+
+    def start(self) -> dict:
+        """Build the job (if not yet built); return its engines, process id and Ray node id."""
+        import ray
+
+        if self.compute is None:
+            import torch
+
+            torch.set_num_threads(self.threads)
+            check_folder_files(self.job.folders)
+            self.compute = self.job.build()
+        return {"engines": self.compute.engines, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    def run(self, *args):
+        self.start()
+        return self.compute(*args)
+
+
+class RayChunks:
+    """Chunks of work over ``workers`` Ray actors (:class:`ChunkWorker`), results in chunk order.
+
+    ``job`` is a picklable dataclass with ``folders`` (the model folders every actor hash-checks),
+    ``device`` (``gpus`` defaults to 1 on cuda, else 0; cuda:N becomes the actor's cuda) and
+    ``build()`` (called once per actor process; returns a callable with an ``engines`` attribute
+    that maps one chunk's arguments to its result). Every actor must report the same engines.
+
+    :meth:`map` sends one chunk per actor at a time, so an actor's death is always its chunk's:
+    the chunk goes back to the front of the queue (at most MAX_CHUNK_REQUEUES times, then a
+    DualRSError naming it), the actor is pinged and takes work again once Ray has restarted it (it
+    rebuilds the job); an actor past MAX_RESTARTS drops out, and with none left the run stops with
+    one line. Results do not depend on which actor computed a chunk: the jobs key their noise by
+    (seed, image index, stage).
+    Chunks finished ahead of the next one to yield are buffered, at most ``2 * workers`` of them.
+    An error raised by the job itself is re-raised as itself and not retried.
+    """
+
+    def __init__(self, job, *, address: str | None = None, workers: int = 2, threads: int = 1,
+                 gpus: float | None = None):
+        if workers < 1 or threads < 1:
+            raise ValueError(f"--workers and --threads must be >= 1, got {workers} and {threads}")
+        if gpus is None:
+            gpus = 1.0 if job.device.startswith("cuda") else 0.0
+        job = dataclasses.replace(job, device=worker_device(job.device))
+        self.ray, self._owns_session = connect(address, workers * threads)
+        self.retried = 0  # chunks given back to the queue after their actor died
+        self.restarts = 0  # actors back at work after Ray restarted them
+        self._pings = {}  # ref -> actor slot: dead actors that get no work until Ray has restarted them
+        worker_class = self.ray.remote(ChunkWorker).options(
+            num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS, max_task_retries=0)
+        try:
+            check_resources(self.ray, workers, threads, gpus)
+            self.actors = [worker_class.remote(job, threads) for _ in range(workers)]
+            started = [self._get(r) for r in [a.start.remote() for a in self.actors]]
+        except self.ray.exceptions.RayActorError as exc:
+            self.close()
+            raise DualRSError(f"a Ray worker died while starting: {' '.join(str(exc).split())[:300]}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.engines = started[0]["engines"]
+        self.pids = [s["pid"] for s in started]
+        for s in started[1:]:
+            self._check_engines(s)
+
+    _get = RayRows._get
+
+    def _check_engines(self, started: dict) -> None:
+        if started["engines"] != self.engines:
+            raise DualRSError(f"Ray workers run different engines ({started['engines']} vs {self.engines}); "
+                              "install the same packages on every node")
+
+    def map(self, chunks: Sequence, args_of) -> Iterator:
+        """``job(*args_of(chunk))`` for every chunk, yielded in the order of ``chunks``; ``args_of`` is
+        called on the driver when the chunk is sent (again if it is re-sent)."""
+        chunks = list(chunks)
+        queue = list(range(len(chunks)))  # positions still to send (a heap)
+        pings = self._pings  # kept from an earlier map: an actor may still be restarting
+        idle = set(range(len(self.actors))) - set(pings.values())  # working actors without a call
+        calls, finished, deaths = {}, {}, {}
+        emitted, window = 0, 2 * len(self.actors)
+        while emitted < len(chunks):
+            while idle and queue and queue[0] < emitted + window:
+                k, pos = idle.pop(), heapq.heappop(queue)
+                calls[self.actors[k].run.remote(*args_of(chunks[pos]))] = (k, pos)
+            if emitted in finished:  # yield only after every idle actor has work
+                yield finished.pop(emitted)
+                emitted += 1
+                continue
+            if not calls and not pings:
+                raise DualRSError(f"every Ray worker died ({len(self.actors)} actors, {MAX_RESTARTS} restarts each); "
+                                  f"{emitted} chunks were written: re-run the same command to resume")
+            [ref], _ = self.ray.wait(list(calls) + list(pings), num_returns=1)
+            if ref in pings:
+                k = pings.pop(ref)
+                try:
+                    started = self._get(ref)
+                except self.ray.exceptions.RayActorError:
+                    continue  # past its restarts: dropped
+                self._check_engines(started)
+                self.pids[k] = started["pid"]
+                self.restarts += 1
+                idle.add(k)
+                continue
+            k, pos = calls.pop(ref)
+            try:
+                finished[pos] = self._get(ref)
+            except self.ray.exceptions.RayActorError:
+                deaths[pos] = deaths.get(pos, 0) + 1
+                if deaths[pos] > MAX_CHUNK_REQUEUES:
+                    raise DualRSError(f"chunk {pos + 1} of {len(chunks)} ended its Ray worker {deaths[pos]} times; "
+                                      "stopping. Chunks already written are kept: fix the cause (out of memory? a "
+                                      "crash in the model?) and re-run the same command to resume") from None
+                heapq.heappush(queue, pos)
+                self.retried += 1
+                pings[self.actors[k].start.options(max_task_retries=-1).remote()] = k
+                continue
+            idle.add(k)
+
+    close = RayRows.close
+
+
+def check_folder_files(folders) -> None:
+    """DualRSError unless every file of ``folders`` on this node hashes as it did when the driver loaded it."""
+    for folder in folders:
+        for name, digest in folder.files.items():
+            path = folder.path / name
+            found = sha256_file(path) if path.is_file() else None
+            if found != digest:
+                raise DualRSError(f"Ray worker on {os.uname().nodename}: {path} is {'missing' if found is None else 'different'}"
+                                  f" (the driver's sha256 is {digest[:12]}...); every node needs the same model "
+                                  "files at the same path")

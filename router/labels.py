@@ -56,7 +56,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -280,13 +280,76 @@ def select_label_indices(length: int, *, max_images: int | None = None, fraction
     return np.arange(start, length, dtype=np.int64)
 
 
+@dataclass
+class LabelJob:
+    """What a process needs to label chunks of images (picklable: Ray actors get a copy)."""
+
+    folders: list[ModelFolder]
+    n0: int
+    n: int
+    alpha: float
+    seed: int
+    batch: int = 400
+    engine: str = "auto"
+    device: str = "cpu"
+    precision: str = "fp32"
+    compile: bool = False
+
+    def build(self, counters: Sequence | None = None) -> "LabelChunk":
+        """The chunk function with the experts' counters (built from the folders unless given)."""
+        if counters is None:
+            from dualrs_route.export.engines import make_counter
+
+            counters = [make_counter(f, engine=self.engine, device=self.device, batch_size=self.batch,
+                                     precision=self.precision, compile=self.compile) for f in self.folders]
+        return LabelChunk(self, list(counters))
+
+
+class LabelChunk:
+    """``(xs, ys, idx) -> (radii, predictions, p_lower)`` of one chunk, every expert (see compute_labels)."""
+
+    def __init__(self, job: LabelJob, counters: list):
+        self.job, self.counters = job, counters
+        self.engines = [c.describe() if hasattr(c, "describe") else type(c).__name__ for c in counters]
+
+    def __call__(self, xs: np.ndarray, ys: np.ndarray, idx: np.ndarray):
+        job, k_experts = self.job, len(self.counters)
+        select_keys = [NoiseKey(int(job.seed), int(i), Stage.LABEL_SELECT) for i in idx]
+        estimate_keys = [NoiseKey(int(job.seed), int(i), Stage.LABEL_ESTIMATE) for i in idx]
+        radii = np.zeros((len(idx), k_experts), np.float32)
+        predictions = np.zeros((len(idx), k_experts), np.int64)
+        p_lower = np.zeros((len(idx), k_experts), np.float64)
+        for k, (counter, folder) in enumerate(zip(self.counters, job.folders)):
+            sigma = folder.config.sigma
+            sel = counter.counts_many(xs, sigma, job.n0, keys=select_keys)
+            est = counter.counts_many(xs, sigma, job.n, keys=estimate_keys)
+            predictions[:, k], radii[:, k], p_lower[:, k] = label_radii_from_counts(sel, est, ys, sigma=sigma,
+                                                                                    alpha=job.alpha)
+        return radii, predictions, p_lower
+
+
+class LocalChunks:
+    """Chunks computed in this process, in order (the default of compute_labels and collect_scores)."""
+
+    def __init__(self, compute: Callable):
+        self.compute = compute
+        self.engines = compute.engines
+
+    def map(self, chunks: Sequence, args_of: Callable) -> Iterator:
+        return (self.compute(*args_of(c)) for c in chunks)
+
+    def close(self) -> None:
+        pass
+
+
 def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Sequence[int], *, out: str | os.PathLike,
                    n0: int = DEFAULT_N0, n: int = DEFAULT_N, alpha: float = DEFAULT_ALPHA, seed: int = 0,
                    batch: int = 400, chunk: int = DEFAULT_CHUNK, engine: str = "auto", device: str = "cpu",
                    precision: str = "fp32", compile: bool = False, data: str | None = None,
                    selection: dict | None = None,
                    command: str = "", progress: Callable[[int], None] | None = None,
-                   log: Callable[[str], None] | None = None, counters: Sequence | None = None) -> LabelSet:
+                   log: Callable[[str], None] | None = None, counters: Sequence | None = None,
+                   workers: Callable[[LabelJob], object] | None = None) -> LabelSet:
     """Certify every image of ``indices`` with every expert and write the labels file ``out``.
 
     ``chunk`` images at a time go through each expert's ``counts_many`` (their noisy copies
@@ -295,7 +358,9 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
     finished image (a finished file is returned as is); other settings raise
     ResumeMismatchError. ``progress(k)`` is called with the number of images just finished.
     ``counters`` (one :class:`~experts.engine.NoisyCounter` per expert) replaces building
-    them from the folders, for tests.
+    them from the folders, for tests. ``workers(job)`` (e.g. ``distributed.RayChunks``) computes
+    the chunks elsewhere, with a ``map(chunks, args_of)`` that yields them in order; this process
+    still writes every chunk, so the file is the same.
     """
     from dualrs_route.router.dual import check_expert_set
 
@@ -364,31 +429,28 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
                   "models": [f.provenance() for f in experts]},
         )
         done = 0
-    if counters is None:
-        from dualrs_route.export.engines import make_counter
+    job = LabelJob(list(experts), n0=n0, n=n, alpha=alpha, seed=int(seed), batch=batch, engine=engine, device=device,
+                   precision=precision, compile=compile)
+    source = workers(job) if workers is not None else LocalChunks(job.build(counters))
+    try:
+        if done == 0:
+            save_labels(out, state)  # claim the file before the long part starts
+        _label_chunks(out, state, source, dataset, indices, done, chunk, progress)
+    finally:
+        source.close()
+    return state
 
-        counters = [make_counter(f, engine=engine, device=device, batch_size=batch, precision=precision,
-                                 compile=compile) for f in experts]
-    sigmas = [f.config.sigma for f in experts]
-    if done == 0:
-        save_labels(out, state)  # claim the file before the long part starts
+
+def _label_chunks(out: Path, state: LabelSet, source, dataset: Dataset, indices: np.ndarray, done: int, chunk: int,
+                  progress: Callable[[int], None] | None) -> None:
+    """Label ``indices[done:]`` in chunks from ``source`` and rewrite the file after each, in order."""
     parts = {"indices": [state.indices], "labels": [state.labels], "radii": [state.radii],
              "predictions": [state.predictions], "p_lower": [state.p_lower]}
-    for start in range(done, len(indices), chunk):
-        started = time.perf_counter()
-        idx = indices[start:start + chunk]
-        xs = dataset.batch(idx)
+    groups = [indices[start:start + chunk] for start in range(done, len(indices), chunk)]
+    started = time.perf_counter()
+    for idx, (radii, predictions, p_lower) in zip(groups, source.map(groups, lambda idx: (
+            dataset.batch(idx), dataset.labels[idx].astype(np.int64), idx))):
         ys = dataset.labels[idx].astype(np.int64)
-        select_keys = [NoiseKey(int(seed), int(i), Stage.LABEL_SELECT) for i in idx]
-        estimate_keys = [NoiseKey(int(seed), int(i), Stage.LABEL_ESTIMATE) for i in idx]
-        radii = np.zeros((len(idx), k_experts), np.float32)
-        predictions = np.zeros((len(idx), k_experts), np.int64)
-        p_lower = np.zeros((len(idx), k_experts), np.float64)
-        for k, counter in enumerate(counters):
-            sel = counter.counts_many(xs, sigmas[k], n0, keys=select_keys)
-            est = counter.counts_many(xs, sigmas[k], n, keys=estimate_keys)
-            predictions[:, k], radii[:, k], p_lower[:, k] = label_radii_from_counts(sel, est, ys, sigma=sigmas[k],
-                                                                                    alpha=alpha)
         for key, value in (("indices", idx), ("labels", ys), ("radii", radii), ("predictions", predictions),
                            ("p_lower", p_lower)):
             parts[key].append(value)
@@ -396,13 +458,14 @@ def compute_labels(experts: Sequence[ModelFolder], dataset: Dataset, indices: Se
             merged = np.concatenate(value)
             parts[key] = [merged]
             setattr(state, key, merged)
+        now = time.perf_counter()
         state.meta.update(done=int(len(state.indices)), complete=bool(len(state.indices) == len(indices)),
                           updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                          seconds=round(float(state.meta.get("seconds", 0.0)) + time.perf_counter() - started, 3))
+                          seconds=round(float(state.meta.get("seconds", 0.0)) + now - started, 3))
+        started = now
         save_labels(out, state)
         if progress:
             progress(len(idx))
-    return state
 
 
 def label_summary(labels: LabelSet) -> dict:

@@ -13,7 +13,7 @@ import click
 from dualrs_route.export.engines import ENGINES
 
 from .common import command_line as _command_line, progress
-from .scale import shard_option
+from .scale import chunk_source, with_scale_options
 
 
 @click.command("router-scores")
@@ -35,12 +35,13 @@ from .scale import shard_option
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--engine", type=click.Choice([e for e in ENGINES if e != "tensorrt"]), default="auto",
               show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch/ORT intra-op threads (with --ray: per worker, default 1).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Scores file (.npz) to write or resume.")
-@shard_option()
+@with_scale_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def router_scores_command(router, dataset, data, split, skip, max_index, n0, n, seed, batch, chunk, device, engine,
-                          threads, out, shard, quiet):
+                          threads, out, shard, ray_address, workers, gpus_per_worker, quiet):
     """Store a router's logits on every noisy copy that dual CERTIFY would draw for it.
 
     The file feeds `calibrate-router` (held-out images) and `compose` (evaluation images).
@@ -48,15 +49,18 @@ def router_scores_command(router, dataset, data, split, skip, max_index, n0, n, 
     every --chunk images in OUT.parts/. The file holds float32 logits, images x (N0 + N) x
     experts x 4 bytes (500 images at N = 10,000 with 3 experts: 61 MB), assembled in memory at
     the end. With --shard K/N it scores the K-th of N round-robin parts of the selected
-    images; join the parts with `dualrs-route merge`.
+    images; join the parts with `dualrs-route merge`. With --ray the chunks go to Ray workers
+    (each loads the router once) and this process writes them in order: the file of a
+    one-process run.
     """
     from dualrs_route.experts.data import check_images, load_dataset, select_indices
     from dualrs_route.experts.folders import load_folder
-    from dualrs_route.export.engines import make_counter
 
-    from dualrs_route.router.calibrate import collect_scores
+    from dualrs_route.router.calibrate import ScoresJob, collect_scores
+    from dualrs_route.router.labels import LocalChunks
 
-    if threads:
+    pool = chunk_source(ray_address, workers, gpus_per_worker, threads)
+    if threads and pool is None:
         import torch
 
         torch.set_num_threads(threads)
@@ -66,15 +70,20 @@ def router_scores_command(router, dataset, data, split, skip, max_index, n0, n, 
     if shard:
         indices = shard.select(indices)
     check_images(ds, indices, folder.config.input_shape)
-    counter = make_counter(folder, engine=engine, device=device, batch_size=batch, threads=threads, raw_logits=True)
-    engine_info = counter.describe()
-    settings = {"router": folder.fingerprint(engine_info["engine"], engine_info.get("precision", "fp32"))["sha256"],
-                "split": split, "data": data, "skip": skip, "max": max_index, "dataset_size": len(ds),
-                **({"shard": str(shard)} if shard else {}),
-                "engine": {k: engine_info.get(k) for k in ("engine", "precision", "noise")}}
-    collect_scores(counter, ds.batch, [int(ds.labels[i]) for i in indices], indices, sigma=folder.config.sigma,
-                   n0=n0, n=n, seed=seed, out=out, settings=settings, chunk=chunk,
-                   progress=progress("router scores", quiet))
+    job = ScoresJob(folder, n0=n0, n=n, seed=seed, batch=batch, engine=engine, device=device,
+                    threads=threads if pool is None else threads or 1)
+    source = pool(job) if pool else LocalChunks(job.build())
+    try:
+        engine_info = source.engines
+        settings = {"router": folder.fingerprint(engine_info["engine"], engine_info.get("precision", "fp32"))["sha256"],
+                    "split": split, "data": data, "skip": skip, "max": max_index, "dataset_size": len(ds),
+                    **({"shard": str(shard)} if shard else {}),
+                    "engine": {k: engine_info.get(k) for k in ("engine", "precision", "noise")}}
+        collect_scores(None, ds.batch, [int(ds.labels[i]) for i in indices], indices, sigma=folder.config.sigma,
+                       n0=n0, n=n, seed=seed, out=out, settings=settings, chunk=chunk,
+                       progress=progress("router scores", quiet), source=source)
+    finally:
+        source.close()
     click.echo(f"router scores: {out} ({len(indices)} images, N0 = {n0}, N = {n}, sigma_e = {folder.config.sigma})",
                err=True)
 

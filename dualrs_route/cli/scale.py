@@ -1,5 +1,5 @@
 """Scaling out on the command line: ``--shard K/N``, ``--ray [ADDRESS]`` / ``--workers`` /
-``--gpus-per-worker`` for certify and predict, and the ``merge`` command."""
+``--gpus-per-worker`` for certify, predict, labels and router-scores, and the ``merge`` command."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def shard_option():
 
 
 def scale_options() -> list:
-    """The options of certify and predict that split a run: a shard of it, or Ray workers."""
+    """The options of certify, predict, labels and router-scores that split a run: a shard of it, or Ray
+    workers."""
     return [
         shard_option(),
         click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -45,9 +46,7 @@ def scale_options() -> list:
 def row_source(ray_address: str | None, workers: int | None, gpus_per_worker: float | None, threads: int | None):
     """The ``rows`` factory for :func:`dualrs_route.router.run.execute`: None (this process) without
     --ray, else RayRows with the given workers. UsageError for Ray options without --ray."""
-    if ray_address is None:
-        if workers is not None or gpus_per_worker is not None:
-            raise click.UsageError("--workers and --gpus-per-worker need --ray")
+    if not _wants_ray(ray_address, workers, gpus_per_worker):
         from dualrs_route.router.run import LocalRows
 
         return LocalRows
@@ -55,6 +54,33 @@ def row_source(ray_address: str | None, workers: int | None, gpus_per_worker: fl
 
     import_ray()  # the install hint now, before models load
     return functools.partial(RayRows, address=ray_address, workers=workers or 2, threads=threads or 1,
+                             gpus=gpus_per_worker)
+
+
+def with_scale_options(f):
+    """Decorate a command with :func:`scale_options` (parameters shard, ray_address, workers, gpus_per_worker)."""
+    for option in reversed(scale_options()):
+        f = option(f)
+    return f
+
+
+def _wants_ray(ray_address: str | None, workers: int | None, gpus_per_worker: float | None) -> bool:
+    """Whether --ray was given; UsageError for --workers or --gpus-per-worker without it."""
+    if ray_address is None and (workers is not None or gpus_per_worker is not None):
+        raise click.UsageError("--workers and --gpus-per-worker need --ray")
+    return ray_address is not None
+
+
+def chunk_source(ray_address: str | None, workers: int | None, gpus_per_worker: float | None, threads: int | None):
+    """The ``workers`` factory (job -> chunk source) of labels and router-scores: None (this process)
+    without --ray, else :class:`~dualrs_route.router.distributed.RayChunks`. UsageError for Ray options
+    without --ray; the install hint before any model loads."""
+    if not _wants_ray(ray_address, workers, gpus_per_worker):
+        return None
+    from dualrs_route.router.distributed import RayChunks, import_ray
+
+    import_ray()
+    return functools.partial(RayChunks, address=ray_address, workers=workers or 2, threads=threads or 1,
                              gpus=gpus_per_worker)
 
 

@@ -15,7 +15,7 @@ import click
 from dualrs_route.export.engines import ENGINES
 
 from .common import command_line as _command_line, positive_float as _positive_float
-from .scale import shard_option
+from .scale import chunk_source, with_scale_options
 
 from dualrs_route.router.labels import DEFAULT_ALPHA, DEFAULT_CHUNK, DEFAULT_N, DEFAULT_N0
 
@@ -47,14 +47,15 @@ from dualrs_route.router.labels import DEFAULT_ALPHA, DEFAULT_CHUNK, DEFAULT_N, 
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch intra-op threads (with --ray: per worker, default 1).")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch engine: run the experts through torch.compile (fastest CPU path with --precision bf16).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Labels file (.npz) to write or resume.")
-@shard_option()
+@with_scale_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, fraction, start, batch, chunk, seed, device,
-                   engine, precision, threads, compile_, out, shard, quiet):
+                   engine, precision, threads, compile_, out, shard, ray_address, workers, gpus_per_worker, quiet):
     """Router labels: certify every image with every expert on a cheap budget.
 
     For each image and expert k: Cohen's CERTIFY with N0/N samples gives R_k, set to 0 when the
@@ -62,7 +63,8 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
     predictions [n, K], p_lower [n, K], the experts and the settings. The file is rewritten
     atomically after every chunk; re-running the same command resumes a killed run. With
     --shard K/N it labels the K-th of N round-robin parts of the selected images; join the
-    parts with `dualrs-route merge`.
+    parts with `dualrs-route merge`. With --ray the chunks go to Ray workers (each loads the
+    experts once) and this process writes them in order: the file of a one-process run.
     """
     from dualrs_route.experts.data import load_dataset
     from dualrs_route.experts.folders import load_folder
@@ -73,7 +75,8 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
         raise click.UsageError("pass either --max or --fraction, not both")
     if len(experts) < 2:
         raise click.BadParameter("router labels need at least two experts (repeat --expert)", param_hint="--expert")
-    if threads:
+    pool = chunk_source(ray_address, workers, gpus_per_worker, threads)
+    if threads and pool is None:
         import torch
 
         torch.set_num_threads(threads)
@@ -91,7 +94,7 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
         result = compute_labels(folders, ds, indices, out=out, n0=n0, n=n, alpha=alpha, seed=seed, batch=batch,
                                 chunk=chunk, engine=engine, device=device, precision=precision, compile=compile_,
                                 data=data, selection=selection, command=_command_line(),
-                                progress=bar.update if bar is not None else None, log=log)
+                                progress=bar.update if bar is not None else None, log=log, workers=pool)
     summary = label_summary(result)
     click.echo(json.dumps(summary, indent=2))
     click.echo(f"labels: {out} ({summary['images']} images, {result.meta.get('seconds', 0):.0f} s)", err=True)
