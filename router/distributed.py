@@ -114,6 +114,30 @@ def connect(address: str | None, num_cpus: int):
     return ray, True
 
 
+def start_actors(owner, worker, args: tuple, *, workers: int, threads: int, gpus: float) -> list[dict]:
+    """Create ``workers`` restartable actors of class ``worker`` as ``owner.actors``, start them all at
+    once (they load their models in parallel) and return their start reports, after setting
+    ``owner.engines`` and ``owner.pids`` and checking that every actor runs the same engines. On any
+    failure ``owner`` is closed first; an actor that dies while starting is one :class:`DualRSError` line."""
+    worker_class = owner.ray.remote(worker).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
+                                                    max_task_retries=0)
+    try:
+        check_resources(owner.ray, workers, threads, gpus)
+        owner.actors = [worker_class.remote(*args) for _ in range(workers)]
+        started = [owner._get(r) for r in [a.start.remote() for a in owner.actors]]
+    except owner.ray.exceptions.RayActorError as exc:
+        owner.close()
+        raise DualRSError(f"a Ray worker died while starting: {' '.join(str(exc).split())[:300]}") from None
+    except BaseException:
+        owner.close()
+        raise
+    owner.engines = started[0]["engines"]
+    owner.pids = [s["pid"] for s in started]
+    for s in started[1:]:
+        owner._check_engines(s)
+    return started
+
+
 class RayRows:
     """Row source over ``workers`` Ray actors (see the module docstring). Build it with the plan;
     ``engines`` are the first actor's, and every actor must report the same result-relevant fields."""
@@ -127,25 +151,9 @@ class RayRows:
         self.ray, self._owns_session = connect(address, workers * threads)
         self.retried = 0  # examples given back to the queue after their actor died
         self.restarts = 0  # actors back at work after Ray restarted them
-        worker_class = self.ray.remote(CertifyWorker).options(
-            num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS, max_task_retries=0)
-        body = worker_plan(plan, threads)
-        try:
-            check_resources(self.ray, workers, threads, gpus)
-            self.actors = [worker_class.remote(body, threads) for _ in range(workers)]
-            refs = [a.start.remote() for a in self.actors]  # all actors load their models at once
-            started = [self._get(r) for r in refs]
-        except self.ray.exceptions.RayActorError as exc:
-            self.close()
-            raise DualRSError(f"a Ray worker died while starting: {' '.join(str(exc).split())[:300]}") from None
-        except BaseException:
-            self.close()
-            raise
-        self.engines = started[0]["engines"]
-        self.pids = [s["pid"] for s in started]
+        started = start_actors(self, CertifyWorker, (worker_plan(plan, threads), threads), workers=workers,
+                               threads=threads, gpus=gpus)
         self.nodes = [s["node"] for s in started]
-        for s in started[1:]:
-            self._check_engines(s)
 
     def _get(self, ref):
         """ray.get, with a certification error re-raised as itself (one clean line in the CLI)."""
@@ -336,22 +344,7 @@ class RayChunks:
         self.retried = 0  # chunks given back to the queue after their actor died
         self.restarts = 0  # actors back at work after Ray restarted them
         self._pings = {}  # ref -> actor slot: dead actors that get no work until Ray has restarted them
-        worker_class = self.ray.remote(ChunkWorker).options(
-            num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS, max_task_retries=0)
-        try:
-            check_resources(self.ray, workers, threads, gpus)
-            self.actors = [worker_class.remote(job, threads) for _ in range(workers)]
-            started = [self._get(r) for r in [a.start.remote() for a in self.actors]]
-        except self.ray.exceptions.RayActorError as exc:
-            self.close()
-            raise DualRSError(f"a Ray worker died while starting: {' '.join(str(exc).split())[:300]}") from None
-        except BaseException:
-            self.close()
-            raise
-        self.engines = started[0]["engines"]
-        self.pids = [s["pid"] for s in started]
-        for s in started[1:]:
-            self._check_engines(s)
+        start_actors(self, ChunkWorker, (job, threads), workers=workers, threads=threads, gpus=gpus)
 
     _get = RayRows._get
 
