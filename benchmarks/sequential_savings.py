@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -43,15 +44,35 @@ from dualrs_route.router.results import DEFAULT_RADII, read_results, summarize
 GRID = DEFAULT_RADII
 
 
-def _draw(rng, p: float):
-    return lambda start, stop: int(rng.binomial(stop - start, p))
+class CountPath:
+    """One row's sample stream: C(n) = hits among its first n samples (Bernoulli(p), drawn once up to the
+    cap). Every policy reads the same path, so fixed N and each sequential policy see the same samples, as
+    real runs with one seed do (a sequential run's samples are a prefix of the fixed run's keyed stream):
+    the columns differ by the policies only, not by sampling noise between them, and no result depends
+    on which policies run beside it."""
+
+    def __init__(self, rng, p: float, cap: int):
+        hits = rng.random(cap) < p
+        self.cumulative = np.concatenate([[0], np.cumsum(hits, dtype=np.int64)])
+
+    def count(self, n: int) -> int:
+        return int(self.cumulative[n])
+
+    def draw(self, start: int, stop: int) -> int:
+        return self.count(stop) - self.count(start)
 
 
-def _stage(rng, p: float, sigma: float, cap: int, alpha: float, policy: StopPolicy | None):
-    """One stage's certificate for a class of true probability p: fixed N = cap (policy None) or sequential."""
+PREVIOUS_SCHEDULE = {"ratio": 2.0, "final_share": None}
+"""The first release's schedule (doubling looks, alpha / J at each), kept as a comparison row."""
+
+
+def _stage(path: CountPath, sigma: float, cap: int, alpha: float, policy, schedule: dict | None = None):
+    """One stage's certificate along ``path``: fixed N = cap (policy None) or sequential
+    (``schedule``: keyword arguments of ``union_bound_schedule``, defaults if None)."""
     if policy is None:
-        return certify_from_counts(1, int(rng.binomial(cap, p)), cap, sigma, alpha)
-    return certify_sequential(1, _draw(rng, p), sigma=sigma, schedule=union_bound_schedule(cap, alpha), policy=policy)
+        return certify_from_counts(1, path.count(cap), cap, sigma, alpha)
+    return certify_sequential(1, path.draw, sigma=sigma, schedule=union_bound_schedule(cap, alpha, **(schedule or {})),
+                              policy=policy)
 
 
 def _accuracy(radius: np.ndarray, correct: np.ndarray) -> list[float]:
@@ -68,36 +89,47 @@ def simulate_file(path: str, *, cap: int, policies: dict, seed: int) -> list[dic
     sigma = np.array([float(v) if v != "-" else np.nan for v in cols["sigma"]])
     correct = (table.predict == table.label) & (table.predict != -1)
     out = []
-    for name, policy in policies.items():
-        rng = np.random.default_rng(seed)
-        radius, samples = np.zeros(len(table.idx)), np.zeros(len(table.idx))
-        for i in range(len(table.idx)):
+    specs = {name: (spec if isinstance(spec, tuple) else (spec, None)) for name, spec in policies.items()}
+    radius = {name: np.zeros(len(table.idx)) for name in specs}
+    samples = {name: np.zeros(len(table.idx)) for name in specs}
+    for i in range(len(table.idx)):
+        # one pair of sample paths per row (router, expert), read by every policy; rows seeded apart
+        paths = (CountPath(np.random.default_rng([seed, i, 0]), _router_p(table, settings, i), cap),
+                 CountPath(np.random.default_rng([seed, i, 1]), p_expert[i], cap))
+        for name, (policy, schedule) in specs.items():
             if mode == "router":
-                radius[i], samples[i] = _simulate_dual_row(rng, table, settings, i, cap, policy)
+                radius[name][i], samples[name][i] = _simulate_dual_row(paths, table, settings, i, cap, policy, schedule)
             elif not np.isnan(sigma[i]):
-                c = _stage(rng, p_expert[i], sigma[i], cap, float(settings["alpha_expert"]), policy)
-                radius[i], samples[i] = (0.0 if c.abstained else c.radius), c.n
+                c = _stage(paths[1], sigma[i], cap, float(settings["alpha_expert"]), policy, schedule)
+                radius[name][i], samples[name][i] = (0.0 if c.abstained else c.radius), c.n
+    for name, (policy, _) in specs.items():
         out.append({"file": Path(path).name, "policy": name, "images": len(table.idx),
-                    "samples_per_image": float(samples.mean()), "certified_accuracy": _accuracy(radius, correct)})
+                    "target_radius": None if policy is None else policy.target_radius,
+                    "samples_per_image": float(samples[name].mean()),
+                    "certified_accuracy": _accuracy(radius[name], correct)})
     return out
 
 
-def _simulate_dual_row(rng, table, settings, i: int, cap: int, policy):
+def _router_p(table, settings, i: int) -> float:
+    value = table.columns.get("n_router", ["-"] * len(table.idx))[i]
+    return float(value) / int(settings["router_N"]) if value != "-" else 0.0
+
+
+def _simulate_dual_row(paths, table, settings, i: int, cap: int, policy, schedule: dict | None = None):
     cols = table.columns
     if cols["n_router"][i] == "-" or cols["sigma"][i] == "-":
         return 0.0, 0.0  # the stored router abstained: no routed expert known
-    p_router = float(cols["n_router"][i]) / int(settings["router_N"])
-    p_expert = float(cols["n_expert"][i]) / int(settings["N"]) if cols["n_expert"][i] != "-" else 0.0
+    router_path, expert_path = paths
     sigma_e, sigma = _router_sigma(table), float(cols["sigma"][i])
     alpha, beta = float(settings["alpha_expert"]), float(settings["alpha_router"])
     if policy is None:
-        rc = _stage(rng, p_router, sigma_e, cap, beta, None)
-        ec = _stage(rng, p_expert, sigma, cap, alpha, None)
+        rc = _stage(router_path, sigma_e, cap, beta, None)
+        ec = _stage(expert_path, sigma, cap, alpha, None)
         ok = not (rc.abstained or ec.abstained)
         return (min(rc.radius, ec.radius) if ok else 0.0), cap * (2 if not rc.abstained else 1)
-    reach = union_bound_schedule(cap, alpha).max_radius(sigma)
-    result = min_aware_certify(1, lambda p: _stage(rng, p_router, sigma_e, cap, beta, p),
-                               lambda k, p: _stage(rng, p_expert, sigma, cap, alpha, p), [0.0, reach], policy)
+    reach = union_bound_schedule(cap, alpha, **(schedule or {})).max_radius(sigma)
+    result = min_aware_certify(1, lambda p: _stage(router_path, sigma_e, cap, beta, p, schedule),
+                               lambda k, p: _stage(expert_path, sigma, cap, alpha, p, schedule), [0.0, reach], policy)
     used = result.router_certificate.n + (result.expert_certificate.n if result.expert_certificate else 0)
     return (0.0 if result.abstained else result.radius), used
 
@@ -113,27 +145,58 @@ def _router_sigma(table) -> float:
 
 
 def markdown(rows: list[dict], note: str) -> str:
-    head = ["file", "policy", "images", "est. samples / image", "x fewer"] + [f"r={r:g}" for r in GRID]
+    worst = any("worst_loss" in r for r in rows)
+    head = (["file", "policy", "images", "est. samples / image", "x fewer"] + [f"r={r:g}" for r in GRID]
+            + (["worst loss (points)"] if worst else []))
     lines = [note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fixed = {r["file"]: r["samples_per_image"] for r in rows if r["policy"] == "fixed"}
     for r in rows:
         ratio = fixed.get(r["file"], 0) / r["samples_per_image"] if r["samples_per_image"] else float("nan")
         lines.append("| " + " | ".join([r["file"], r["policy"], str(r["images"]), f"{r['samples_per_image']:,.0f}",
-                                        f"{ratio:.1f}"] + [f"{100 * a:.1f}" for a in r["certified_accuracy"]]) + " |")
+                                        f"{ratio:.1f}"] + [f"{100 * a:.1f}" for a in r["certified_accuracy"]]
+                                       + ([f"{r['worst_loss']:.1f}"] if worst else [])) + " |")
     return "\n".join(lines)
 
 
+def over_seeds(runs: list[list[dict]]) -> list[dict]:
+    """Rows averaged over seeds (samples, certified accuracy) plus ``worst_loss``: the largest drop in
+    points below fixed N at any grid radius (a target-radius run: at its target), over the seeds (each
+    seed against its own fixed run)."""
+    out = []
+    for k, row in enumerate(runs[0]):
+        fixed = [next(r for r in run if r["file"] == row["file"] and r["policy"] == "fixed") for run in runs]
+        same = [run[k] for run in runs]
+        target = row.get("target_radius")
+        keep = [target is None or math.isclose(r, target) for r in GRID]  # a target run answers at its radius only
+        loss = max(max(100 * (f - a) for f, a, k in zip(fx["certified_accuracy"], r["certified_accuracy"], keep) if k)
+                   for fx, r in zip(fixed, same))
+        out.append({**row, "samples_per_image": float(np.mean([r["samples_per_image"] for r in same])),
+                    "certified_accuracy": [float(np.mean(col)) for col in zip(*(r["certified_accuracy"] for r in same))],
+                    "worst_loss": max(loss, 0.0), "seeds": len(runs)})
+    return out
+
+
 def simulate(args) -> None:
+    step, top = args.radius_grid, GRID[-1]
     policies = {"fixed": None, "sequential": StopPolicy(radius_tol=args.radius_tol),
-                f"sequential grid {args.radius_grid:g}": StopPolicy(radius_grid=args.radius_grid),
-                f"grid {args.radius_grid:g}, max {GRID[-1]:g}": StopPolicy(radius_grid=args.radius_grid,
-                                                                           enough_radius=GRID[-1])}
+                f"grid {step:g}, max {top:g}, first release (doubling, alpha / J, no projection)": (
+                    StopPolicy(radius_grid=step, enough_radius=top, projection_level=None), PREVIOUS_SCHEDULE),
+                f"grid {step:g}, no projection": StopPolicy(radius_grid=step, projection_level=None),
+                f"grid {step:g}": StopPolicy(radius_grid=step),
+                f"grid {step:g}, max {top:g}": StopPolicy(radius_grid=step, enough_radius=top)}
     if args.target_radius is not None:
         policies[f"target {args.target_radius:g}"] = StopPolicy(target_radius=args.target_radius)
-    rows = [row for path in args.files for row in simulate_file(path, cap=args.cap, policies=policies, seed=args.seed)]
+    seeds = range(args.seed, args.seed + args.seeds)
+    runs = [[row for path in args.files for row in simulate_file(path, cap=args.cap, policies=policies, seed=seed)]
+            for seed in seeds]
+    rows = runs[0] if args.seeds == 1 else over_seeds(runs)
+    seeds_text = f"seed {args.seed}" if args.seeds == 1 else (
+        f"means over seeds {args.seed}-{args.seed + args.seeds - 1}; worst loss = the largest drop below fixed N at "
+        f"any grid radius in any one seed")
     note = (f"Simulated from stored per-image counts (each row's stored top-class frequency taken as its true "
-            f"probability; binomial draws), cap N = {args.cap:,}, seed {args.seed}; estimation samples only, "
-            f"selection fixed at the stored guess. Certified accuracy in % at each radius.")
+            f"probability; binomial draws on one sample path per row shared by all policies), cap N = "
+            f"{args.cap:,}, {seeds_text}; estimation samples only, selection fixed at the stored guess. "
+            f"Certified accuracy in % at each radius.")
     print(markdown(rows, note))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
@@ -198,6 +261,7 @@ def main(argv=None) -> None:
     sim.add_argument("--radius-tol", type=float, default=0.01)
     sim.add_argument("--radius-grid", type=float, default=0.25)
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--seeds", type=int, default=1, help="average over this many seeds from --seed")
     sim.add_argument("--json", default=None)
     real = sub.add_parser("run", help="real certify runs")
     real.add_argument("--out", required=True)

@@ -171,7 +171,9 @@ def run_dataset(*, out: str | Path, experts: Sequence[str] = (), router: str | N
                 router_n: int | None = None, seed: int = 0, engine: str = "auto", precision: str = "fp32",
                 device: str = "cpu", batch: int = 400, cascade_p0: float | None = None, sequential: bool = False,
                 target_radius: float | None = None, radius_tol: float | None = None, first_look: int | None = None,
-                radius_grid: float | None = None, max_radius: float | None = None, command: str = "dualrs_route.run_dataset",
+                radius_grid: float | None = None, max_radius: float | None = None, look_ratio: float | None = None,
+                final_share: float | None = None, projection_level: float | None = None,
+                command: str = "dualrs_route.run_dataset",
                 progress: Callable | None = None) -> tuple[ResultTable, dict]:
     """Certify every ``skip``-th example of a dataset below ``max_index`` (Cohen's protocol) into ``out``.
 
@@ -187,7 +189,8 @@ def run_dataset(*, out: str | Path, experts: Sequence[str] = (), router: str | N
                     alpha_router=alpha_router, router_n0=router_n0, router_n=router_n, seed=seed, engine=engine,
                     precision=precision, device=device, batch=batch, cascade_p0=cascade_p0, sequential=sequential,
                     target_radius=target_radius, radius_tol=radius_tol, first_look=first_look,
-                    radius_grid=radius_grid, max_radius=max_radius)
+                    radius_grid=radius_grid, max_radius=max_radius, look_ratio=look_ratio, final_share=final_share,
+                    projection_level=projection_level)
     ds = load_dataset(dataset, split=split, data=data)
     execute(plan, ds, skip=skip, max_index=max_index, out_path=Path(out), data=data, command=command,
             progress=progress)

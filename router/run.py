@@ -18,7 +18,17 @@ import numpy as np
 from dualrs_route.experts.data import Dataset, check_images, select_indices
 from dualrs_route.experts.errors import DualRSError, IncompatibleModelsError
 from dualrs_route.experts.folders import ModelFolder, load_folder
-from dualrs_route.experts.sequential import DEFAULT_FIRST_LOOK, DEFAULT_RADIUS_TOL, StopPolicy, union_bound_schedule
+from dualrs_route.experts.sequential import (
+    DEFAULT_FINAL_SHARE,
+    DEFAULT_FIRST_LOOK,
+    DEFAULT_LOOK_RATIO,
+    DEFAULT_PROJECTION_LEVEL,
+    DEFAULT_RADIUS_TOL,
+    StopPolicy,
+    check_final_share,
+    check_look_ratio,
+    union_bound_schedule,
+)
 from dualrs_route.experts.smoothing import SmoothedClassifier
 from dualrs_route.experts.engine import check_batch_memory
 from dualrs_route.experts.stats import ABSTAIN, check_alpha, check_budget, check_count, check_sigma
@@ -40,28 +50,44 @@ skipped stages (radius = min(radius_skipped, radius_expert)), ``samples`` the no
 @dataclass(frozen=True)
 class SequentialOptions:
     """Budget policy of ``certify --sequential``: N (and the router's N) become caps, drawn in rounds
-    on the doubling schedule from ``first_look`` (experts/sequential.py), stopped by ``policy``."""
+    on the schedule from ``first_look`` growing by ``look_ratio``, with ``final_share`` of each stage's
+    alpha at its cap (experts/sequential.py), stopped by ``policy``."""
 
     first_look: int = DEFAULT_FIRST_LOOK
     policy: StopPolicy = StopPolicy()
+    look_ratio: float = DEFAULT_LOOK_RATIO
+    final_share: float | None = DEFAULT_FINAL_SHARE
+
+    def schedule(self, cap: int, alpha: float):
+        """The union-bound schedule of a stage with this cap and alpha."""
+        return union_bound_schedule(cap, alpha, self.first_look, self.look_ratio, self.final_share)
 
     def settings(self) -> dict:
-        return {"first_look": self.first_look, "target_radius": self.policy.target_radius,
+        return {"first_look": self.first_look, "look_ratio": self.look_ratio, "final_share": self.final_share,
+                "target_radius": self.policy.target_radius,
                 "radius_tol": self.policy.radius_tol, "radius_grid": self.policy.radius_grid,
-                "max_radius": self.policy.enough_radius,
-                "alpha_split": "alpha / looks, per stage (union bound)"}
+                "max_radius": self.policy.enough_radius, "projection_level": self.policy.projection_level,
+                "alpha_split": "final_share * alpha at the cap, the rest evenly over the other looks, per stage "
+                               "(union bound)"}
 
 
 def sequential_options(sequential: bool, target_radius: float | None, radius_tol: float | None,
                        first_look: int | None, radius_grid: float | None = None,
-                       max_radius: float | None = None) -> SequentialOptions | None:
+                       max_radius: float | None = None, look_ratio: float | None = None,
+                       final_share: float | None = None, projection_level: float | None = None) -> SequentialOptions | None:
     """Validate the sequential options; ``target_radius`` implies sequential and excludes ``radius_tol``
-    and ``radius_grid`` (its stop rule ignores them). None for a fixed-N run."""
+    and ``radius_grid`` (its stop rule ignores them). ``final_share`` 0 splits alpha evenly over the
+    looks, ``projection_level`` 0 turns the grid rule's projection off; None takes the defaults. None
+    for a fixed-N run."""
     if not (sequential or target_radius is not None):
-        if any(v is not None for v in (radius_tol, first_look, radius_grid, max_radius)):
-            raise IncompatibleModelsError("--radius-tol, --radius-grid, --max-radius and --first-look apply only "
-                                          "with --sequential or --target-radius")
+        if any(v is not None for v in (radius_tol, first_look, radius_grid, max_radius, look_ratio, final_share,
+                                       projection_level)):
+            raise IncompatibleModelsError("--radius-tol, --radius-grid, --max-radius, --first-look, --look-ratio, "
+                                          "--final-share and --projection-level apply only with --sequential or "
+                                          "--target-radius")
         return None
+    if projection_level is not None and radius_grid is None:
+        raise IncompatibleModelsError("--projection-level applies only with --radius-grid")
     if radius_tol is not None and radius_grid is not None:
         raise IncompatibleModelsError("pass --radius-tol or --radius-grid, not both")
     if target_radius is not None and (radius_tol is not None or radius_grid is not None):
@@ -69,12 +95,16 @@ def sequential_options(sequential: bool, target_radius: float | None, radius_tol
                                       "decides 'certified at R?' instead of improving the radius; drop them or use "
                                       "--sequential")
     first = check_count(DEFAULT_FIRST_LOOK if first_look is None else first_look, "--first-look")
+    level = DEFAULT_PROJECTION_LEVEL if projection_level is None else (float(projection_level) or None)
     try:
+        ratio = check_look_ratio(DEFAULT_LOOK_RATIO if look_ratio is None else look_ratio)
+        share = check_final_share(DEFAULT_FINAL_SHARE if final_share is None else (float(final_share) or None))
         policy = StopPolicy(target_radius, DEFAULT_RADIUS_TOL if radius_tol is None else float(radius_tol),
-                            enough_radius=max_radius, radius_grid=radius_grid)
+                            enough_radius=max_radius, radius_grid=radius_grid, projection_level=level)
     except ValueError as exc:
-        raise IncompatibleModelsError(f"--target-radius/--radius-tol/--radius-grid/--max-radius: {exc}") from None
-    return SequentialOptions(first, policy)
+        raise IncompatibleModelsError(f"--target-radius/--radius-tol/--radius-grid/--max-radius/--look-ratio/"
+                                      f"--final-share/--projection-level: {exc}") from None
+    return SequentialOptions(first, policy, ratio, share)
 
 
 @dataclass
@@ -133,7 +163,8 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
              device: str = "cpu", batch: int = 400, sigma: float | None = None,
              cascade_p0: float | None = None, sequential: bool = False, target_radius: float | None = None,
              radius_tol: float | None = None, first_look: int | None = None,
-             radius_grid: float | None = None, max_radius: float | None = None) -> RunPlan:
+             radius_grid: float | None = None, max_radius: float | None = None, look_ratio: float | None = None,
+             final_share: float | None = None, projection_level: float | None = None) -> RunPlan:
     """Validate options and load every model folder (no network weights yet, no output).
 
     Budgets are capped up front: N, N0 and the router's at :data:`~dualrs_route.experts.stats.MAX_SAMPLES`
@@ -144,7 +175,8 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
     threshold ``cascade_p0``, default 0.5). ``sequential`` (implied by ``target_radius``) makes ``n``
     and ``router_n`` caps of sequential CERTIFY (single expert) or min-aware dual CERTIFY (router).
     """
-    seq = sequential_options(sequential, target_radius, radius_tol, first_look, radius_grid, max_radius)
+    seq = sequential_options(sequential, target_radius, radius_tol, first_look, radius_grid, max_radius, look_ratio,
+                             final_share, projection_level)
     if seq is not None and select in ("best-radius", "cascade"):
         raise IncompatibleModelsError(f"--sequential/--target-radius support a single --expert or --router, "
                                       f"not --select {select}")
@@ -285,7 +317,7 @@ class Runner:
         ``n_router_used``/``n_expert_used`` the estimation samples of each stage; ``stop`` the stop rules
         (``router/expert`` with a router)."""
         plan, seq = self.plan, self.plan.sequential
-        schedule = union_bound_schedule(plan.n, plan.alpha, seq.first_look)
+        schedule = seq.schedule(plan.n, plan.alpha)
         if plan.mode != "router":
             c = self.experts[0].certify_sequential(x, n0=plan.n0, schedule=schedule, policy=seq.policy,
                                                    seed=plan.seed, index=index)
@@ -294,7 +326,7 @@ class Runner:
                         n_expert=c.count, n_used=plan.n0 + c.n, n_expert_used=c.n, stop=c.stop)
         result = self.dual.certify_sequential(
             x, n0=plan.n0, schedule=schedule, router_n0=plan.router_n0,
-            router_schedule=union_bound_schedule(plan.router_n, plan.beta, seq.first_look), policy=seq.policy,
+            router_schedule=seq.schedule(plan.router_n, plan.beta), policy=seq.policy,
             seed=plan.seed, index=index)
         rc, ec = result.router_certificate, result.expert_certificate
         return dict(predict=result.prediction, radius=result.radius, expert=self.expert_label(result.expert),
@@ -404,8 +436,11 @@ def _guarantee(plan: RunPlan, task: str) -> str:
     text = _fixed_guarantee(plan, task)
     if plan.sequential is None or task != "certify":
         return text
-    return (f"{text}; sequential: each stage's N is a cap, its looks double from {plan.sequential.first_look} and "
-            "each look gets the stage's alpha / (number of looks), a union bound valid at any stopping time")
+    seq = plan.sequential
+    split = ("alpha / (number of looks) at each look" if seq.final_share is None else
+             f"{seq.final_share:g} of the stage's alpha at the cap and the rest evenly over the earlier looks")
+    return (f"{text}; sequential: each stage's N is a cap, its looks grow {seq.look_ratio:g}x from {seq.first_look}, "
+            f"{split}: a union bound valid at any stopping time")
 
 
 def _fixed_guarantee(plan: RunPlan, task: str) -> str:

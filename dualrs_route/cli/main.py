@@ -78,7 +78,8 @@ def _model_options(f):
 def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_index, n0, n, alpha, alpha_router,
          router_n0, router_n, batch, seed, device, engine, precision, threads, compile_, sigma, out, fmt, quiet,
          shard, ray_address, workers, gpus_per_worker, cascade_p0=None, sequential=False, target_radius=None,
-         radius_tol=None, first_look=None, radius_grid=None, max_radius=None):
+         radius_tol=None, first_look=None, radius_grid=None, max_radius=None, look_ratio=None, final_share=None,
+         projection_level=None):
     from dualrs_route.experts.data import load_dataset
 
     from dualrs_route.router.results import read_results, summarize, format_markdown
@@ -103,7 +104,8 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
                     alpha_router=alpha_router, router_n0=router_n0, router_n=router_n, seed=seed, engine=engine,
                     precision=precision, device=device, batch=batch, sigma=sigma, cascade_p0=cascade_p0,
                     sequential=sequential, target_radius=target_radius, radius_tol=radius_tol, first_look=first_look,
-                    radius_grid=radius_grid, max_radius=max_radius)
+                    radius_grid=radius_grid, max_radius=max_radius, look_ratio=look_ratio, final_share=final_share,
+                    projection_level=projection_level)
     plan.threads = threads
     plan.compile = compile_
     if task == "predict" and plan.mode == "best-radius":
@@ -158,8 +160,9 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
               help="Estimation samples per stage (at most 10^9).")
 @click.option("--router-N0", "router_n0", type=int, default=None, help="Router's N0 (default: --N0).")
 @click.option("--sequential", is_flag=True,
-              help="Draw the estimation samples in rounds (looks doubling from --first-look up to --N, alpha "
-                   "split evenly over the looks) and stop once more samples cannot change the answer: abstain "
+              help="Draw the estimation samples in rounds (looks growing by --look-ratio from --first-look up to "
+                   "--N; --final-share of alpha at the cap, the rest split evenly over the earlier looks) and stop "
+                   "once more samples cannot change the answer: abstain "
                    "once the upper bound is below 1/2, stop at --target-radius, or once the radius reachable "
                    "within --N is within --radius-tol (or passes no multiple of --radius-grid). With --router: "
                    "min-aware (the expert stops at R_sigma, the router at the expert's reachable radius).")
@@ -170,13 +173,23 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
                    "current one (pixel L2 units; default 0.01; refused with --target-radius).")
 @click.option("--radius-grid", type=float, default=None, metavar="STEP",
               help="Sequential, instead of --radius-tol: stop once no multiple of STEP (e.g. 0.25) lies between "
-                   "the current radius and the one reachable within --N, so certified accuracy at every "
-                   "multiple of STEP is as if run to the cap (lost with probability <= 2 alpha per row; refused "
-                   "with --target-radius).")
+                   "the current radius and the one reachable within --N (refused with --target-radius). "
+                   "Certified accuracy at the multiples of STEP stays as if run to the cap up to what "
+                   "--projection-level costs (at most 0.4 points in the simulations of benchmarks/RESULTS.md).")
 @click.option("--max-radius", type=float, default=None, metavar="R",
               help="Sequential: radii above R are worth nothing to you (e.g. the largest radius you analyse); "
                    "a row stops once certified at R.")
 @click.option("--first-look", type=int, default=None, help="Sequential: samples at the first look (default 100).")
+@click.option("--look-ratio", type=float, default=None,
+              help="Sequential: each look has this many times the previous look's samples (default 1.3; 2 doubles).")
+@click.option("--final-share", type=float, default=None,
+              help="Sequential: share of each stage's alpha kept for its last look, the cap (default 0.7; 0 splits "
+                   "alpha evenly over the looks).")
+@click.option("--projection-level", type=float, default=None,
+              help="With --radius-grid: a row stops once the cap, with the remaining samples hitting at the "
+                   "(1 - LEVEL) upper confidence bound, could not reach the next grid radius (default 0.02; 0 "
+                   "turns it off: then a grid stop costs a row's accuracy with probability <= 2 alpha). A sampling "
+                   "rule only: the certificate's guarantee does not depend on it.")
 def certify(**options):
     """Certify examples with a router (Dual RS), a single expert (Cohen's CERTIFY) or a Multiscale cascade.
 

@@ -42,7 +42,7 @@ from dualrs_route.experts.stats import ABSTAIN, certify_from_counts, lower_confi
 from rs_oracle import BinaryLinear, linear_model
 
 ALPHA = 0.1
-N0, CAP, FIRST = 100, 1600, 100  # looks 100, 200, 400, 800, 1600
+N0, CAP, FIRST = 100, 1600, 100  # looks 100, 130, 169, ..., 1065, 1385, 1600 (12)
 SIGMA = 0.5
 TRIALS = 2000  # sd of a rate near alpha = 0.1: 0.0067; a 2x violation (0.2) is 15 sd above alpha
 W = np.array([[0, 0, 0, 0], [0.6, -0.8, 0.0, 0.0]], np.float32)  # |dw| = 1
@@ -104,21 +104,37 @@ def test_trials_can_see_a_twofold_violation():
 # --- schedule -------------------------------------------------------------
 
 
-def test_look_schedule_doubles_to_the_cap():
-    assert look_schedule(100_000) == (100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200, 100_000)
-    assert look_schedule(1600, 100) == (100, 200, 400, 800, 1600)
+def test_look_schedule_grows_by_the_ratio_to_the_cap():
+    assert look_schedule(100_000, ratio=2) == (100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200, 100_000)
+    assert look_schedule(1600, 100, 2) == (100, 200, 400, 800, 1600)
     assert look_schedule(100, 100) == (100,) and look_schedule(50, 100) == (50,)
-    assert look_schedule(1000, 300) == (300, 600, 1000)
+    assert look_schedule(1000, 300, 2) == (300, 600, 1000)
+    assert look_schedule(1600, 100, 1.5) == (100, 150, 225, 338, 507, 761, 1142, 1600)  # rounded up
+    assert look_schedule(CAP, FIRST) == (100, 130, 169, 220, 286, 372, 484, 630, 819, 1065, 1385, 1600)  # 1.3
+    # no sliver before the cap: 65,880 * 1.5 = 98,820 is dropped, as is a first look within sqrt(ratio) of the cap
+    assert look_schedule(100_000, ratio=1.5)[-3:] == (43_920, 65_880, 100_000)
+    assert len(look_schedule(100_000)) == 27 and look_schedule(110, 100) == (110,)
+    for bad in (1.0, 0.5, float("nan"), 17):
+        with pytest.raises(ValueError):
+            look_schedule(1000, 100, bad)
 
 
 def test_union_bound_levels_sum_to_alpha():
-    s = union_bound_schedule(100_000, 0.001)
-    assert len(s.levels) == 11 and math.isclose(sum(s.levels), 0.001) and len(set(s.levels)) == 1
+    even = union_bound_schedule(100_000, 0.001, ratio=2, final_share=None)
+    assert len(even.levels) == 11 and math.isclose(sum(even.levels), 0.001) and len(set(even.levels)) == 1
+    s = union_bound_schedule(100_000, 0.001)  # default: 0.7 of alpha at the cap, the rest evenly
+    assert len(s.levels) == 27 and math.isclose(sum(s.levels), 0.001) and math.isclose(s.levels[-1], 0.0007)
+    assert len(set(s.levels[:-1])) == 1 and math.isclose(s.levels[0], 0.0003 / 26)
+    # a share below 1 / J is raised to the even split, so the cap keeps the largest level
+    assert union_bound_schedule(1600, 0.1, 100, 2, 0.1).levels == (0.02,) * 5
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError):
+            union_bound_schedule(1600, 0.1, final_share=bad)
 
 
 def test_max_radius_is_the_all_hits_radius_at_the_last_look():
     s = sound()
-    assert s.max_radius(SIGMA) == pytest.approx(SIGMA * norm.ppf((ALPHA / 5) ** (1 / CAP)))
+    assert s.max_radius(SIGMA) == pytest.approx(SIGMA * norm.ppf((0.7 * ALPHA) ** (1 / CAP)))
     assert union_bound_schedule(3, ALPHA).max_radius(SIGMA) == 0.0  # 0.1 ** (1/3) < 1/2: nothing certifies
 
 
@@ -145,6 +161,14 @@ def test_sequential_single_expert_violation_rate_is_at_most_alpha(p1):
     assert rate <= allowed(ALPHA), (p1, rate)
     if p1 >= 0.9:  # and it does certify
         assert np.mean([not c.abstained for c in certs]) > 0.9
+
+
+@pytest.mark.parametrize("p1", (0.7, 0.9, 0.99))
+def test_grid_stopping_with_projection_keeps_the_certificate_sound(p1):
+    # any stopping rule is covered by the union bound, the projection heuristic included
+    rate, certs = violation_rate(p1, sound(), StopPolicy(radius_grid=0.1))
+    assert rate <= allowed(ALPHA), (p1, rate)
+    assert any(c.stop == STOP_GRID for c in certs)
 
 
 @pytest.mark.parametrize("p1", (0.7, 0.9))
@@ -186,8 +210,9 @@ def test_hopeless_rows_abstain_at_the_first_look():
     rng = np.random.default_rng(1)
     certs = [certify_sequential(0, binomial_draw(rng, 0.3), sigma=SIGMA, schedule=sound(), policy=StopPolicy())
              for _ in range(200)]
-    assert all(c.abstained for c in certs)
-    assert np.mean([c.n == FIRST and c.stop == STOP_FUTILE for c in certs]) > 0.95
+    assert all(c.abstained for c in certs) and all(c.stop == STOP_FUTILE for c in certs)
+    # the first look runs at 0.3 alpha / 11 (0.7 alpha is kept for the cap): most stop there, all soon after
+    assert np.mean([c.n == FIRST for c in certs]) > 0.85 and max(c.n for c in certs) <= 286
 
 
 def test_easy_target_is_decided_at_the_first_look():
@@ -263,19 +288,44 @@ def test_grid_rule_stops_only_when_no_grid_point_is_left_to_reach():
         StopPolicy(radius_grid=0.0)
 
 
-# p1 = 0.69 puts the exact radius (0.248) just below the grid point 0.25, 0.9 well between points
-@pytest.mark.parametrize("p1", (0.69, 0.9, 0.999))
-def test_grid_rule_loses_a_grid_certificate_with_probability_at_most_two_alpha(p1):
-    # Coupled runs: the same seeded draws, so the grid-stopped run sees a prefix of the full run's rounds.
-    step, trials, lost, saved = 0.25, 600, 0, []
+def coupled_grid_runs(p1: float, policy: StopPolicy, step: float = 0.25, trials: int = 600):
+    """(lost rate, mean samples saved) of grid-stopped runs against runs to the cap on the same seeded draws
+    (so the grid run sees a prefix of the full run's rounds)."""
+    lost, saved = 0, []
     for seed in range(trials):
         full = simulate_single(p1, sound(), StopPolicy(radius_tol=0.0), np.random.default_rng(seed))
-        grid = simulate_single(p1, sound(), StopPolicy(radius_grid=step), np.random.default_rng(seed))
+        grid = simulate_single(p1, sound(), policy, np.random.default_rng(seed))
         assert full.abstained == grid.abstained and grid.radius <= full.radius and grid.n <= full.n
         lost += math.floor(full.radius / step) != math.floor(grid.radius / step)
         saved.append(full.n - grid.n)
-    assert lost / trials <= allowed(2 * ALPHA, trials)
-    assert np.mean(saved) > 0
+    return lost / trials, float(np.mean(saved))
+
+
+# p1 = 0.69 puts the exact radius (0.248) just below the grid point 0.25, 0.9 well between points
+@pytest.mark.parametrize("p1", (0.69, 0.9, 0.999))
+def test_grid_rule_without_projection_loses_a_grid_certificate_with_probability_at_most_two_alpha(p1):
+    lost, saved = coupled_grid_runs(p1, StopPolicy(radius_grid=0.25, projection_level=None))
+    assert lost <= allowed(2 * ALPHA, 600) and saved > 0
+
+
+def test_grid_projection_saves_samples_at_a_small_measured_cost():
+    # p1 = 0.695: the exact radius (0.255) is just above 0.25, so the cap run often certifies 0.25 only
+    # late; p1 = 0.68 (radius 0.234): 0.25 is out of reach and only the projection sees it early.
+    for p1 in (0.68, 0.695):
+        off_lost, off_saved = coupled_grid_runs(p1, StopPolicy(radius_grid=0.25, projection_level=None), trials=300)
+        on_lost, on_saved = coupled_grid_runs(p1, StopPolicy(radius_grid=0.25), trials=300)
+        assert on_saved > off_saved + 100, (p1, on_saved, off_saved)
+        assert on_lost <= off_lost + 0.1, (p1, on_lost, off_lost)
+
+
+def test_grid_projection_rule():
+    # the projected cap bound below the next grid point's probability stops; above it, or unset, does not
+    grid = dict(sigma=SIGMA, last=False, policy=StopPolicy(radius_grid=0.25))
+    assert stop_rule(best=at(0.30), upper=0.9999, reach=at(0.9), projected=at(0.49), **grid) == STOP_GRID
+    assert stop_rule(best=at(0.30), upper=0.9999, reach=at(0.9), projected=at(0.51), **grid) is None
+    assert stop_rule(best=at(0.30), upper=0.9999, reach=at(0.9), **grid) is None
+    with pytest.raises(ValueError):
+        StopPolicy(radius_grid=0.25, projection_level=0.5)
 
 
 def test_policy_within_lowers_target_and_enough():
@@ -291,8 +341,8 @@ def test_reported_bound_is_the_best_over_looks_and_never_above_the_last_look_alo
     rng = np.random.default_rng(4)
     for _ in range(50):
         c = simulate_single(0.8, sound(), StopPolicy(), rng)
-        assert c.p_lower >= lower_confidence_bound(c.count, c.n, ALPHA / 5) - 1e-15
-        assert c.n in look_schedule(CAP, FIRST) and 1 <= c.looks <= 5
+        assert c.p_lower >= lower_confidence_bound(c.count, c.n, sound().levels[c.looks - 1]) - 1e-15
+        assert c.n == look_schedule(CAP, FIRST)[c.looks - 1] and 1 <= c.looks <= 12
 
 
 # --- identity with CERTIFY and the keyed stream ----------------------------------------

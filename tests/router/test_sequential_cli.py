@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from dualrs_route.cli import main
-from dualrs_route.experts.sequential import STOP_RULES
+from dualrs_route.experts.sequential import STOP_RULES, look_schedule
 from dualrs_route.router.results import COLUMNS, SEQUENTIAL_COLUMNS, read_results
 from rs_oracle import write_linear_folder
 
@@ -39,7 +39,8 @@ def test_sequential_rows_have_the_new_columns_and_save_samples(cli_expert, tmp_p
     assert tuple(Path(out).read_text().splitlines()[0].split("\t")) == SEQUENTIAL_COLUMNS
     assert SEQUENTIAL_COLUMNS[:len(COLUMNS)] == COLUMNS
     rows = rows_of(out)
-    looks = (50, 100, 200, 400, 800)
+    looks = look_schedule(800, 50)  # default ratio 1.3: 50, 65, 85, ..., 541, 800
+    assert len(looks) == 11
     for row in rows:
         assert int(row["n_expert_used"]) in looks and int(row["n_used"]) == 20 + int(row["n_expert_used"])
         assert row["stop"] in STOP_RULES and row["n_router_used"] == "-"
@@ -91,10 +92,29 @@ def test_grid_and_max_radius_runs_record_their_settings(cli_expert, tmp_path):
     assert all(r["stop"] != "target" or float(r["radius"]) >= 0.3 for r in rows)
     seq = json.loads(Path(str(out) + ".json").read_text())["settings"]["sequential"]
     assert (seq["radius_grid"], seq["max_radius"]) == (0.1, 0.3)
+    assert (seq["look_ratio"], seq["final_share"], seq["projection_level"]) == (1.3, 0.7, 0.02)
     report = invoke("analyze", out)
     assert report.exit_code == 0, report.output
     assert ("grid ran with --max-radius 0.3: its rows stop once certified at radius 0.3, so its certified "
             "accuracy above 0.3 (and its ACR) is understated") in report.output
+
+
+def test_schedule_options_change_the_looks_and_are_part_of_the_run(cli_expert, tmp_path):
+    folder, data, _, _ = cli_expert
+    out = tmp_path / "doubling.tsv"
+    extra = ("--sequential", "--radius-grid", 0.1, "--first-look", 50, "--look-ratio", 2, "--final-share", 0,
+             "--projection-level", 0)
+    result = invoke(*args(folder, data, out, *extra))
+    assert result.exit_code == 0, result.output
+    assert all(int(r["n_expert_used"]) in (50, 100, 200, 400, 800) for r in rows_of(out))
+    meta = json.loads(Path(str(out) + ".json").read_text())
+    seq = meta["settings"]["sequential"]
+    assert (seq["look_ratio"], seq["final_share"], seq["projection_level"]) == (2.0, None, None)
+    assert "alpha / (number of looks)" in meta["guarantee"]
+    # resuming with another schedule is another run: refused, file untouched
+    before = out.read_text()
+    again = invoke(*args(folder, data, out, "--sequential", "--radius-grid", 0.1, "--first-look", 50))
+    assert again.exit_code != 0 and "Traceback" not in again.output and out.read_text() == before
 
 
 def test_analyze_notes_that_a_target_radius_run_understates_larger_radii(cli_expert, tmp_path):
@@ -165,6 +185,12 @@ def test_one_look_min_aware_rows_equal_fixed_n_dual_rows_with_unequal_alpha_and_
     (("--sequential", "--radius-grid", 0), "grid"),
     (("--target-radius", 0.1, "--radius-tol", 0.05), "do not apply with --target-radius"),
     (("--target-radius", 0.1, "--radius-grid", 0.25), "do not apply with --target-radius"),
+    (("--look-ratio", 1.5), "--sequential"),
+    (("--final-share", 0.5), "--sequential"),
+    (("--sequential", "--projection-level", 0.05), "only with --radius-grid"),
+    (("--sequential", "--look-ratio", 1.0), "look ratio"),
+    (("--sequential", "--final-share", 1.0), "final share"),
+    (("--sequential", "--radius-grid", 0.25, "--projection-level", 0.5), "projection level"),
 ])
 def test_bad_sequential_options_fail_cleanly(cli_expert, tmp_path, extra, mentions):
     folder, data, _, _ = cli_expert
