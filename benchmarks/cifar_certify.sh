@@ -5,7 +5,9 @@
 # Resumable: re-running continues every unfinished TSV.
 # Usage: bash benchmarks/cifar_certify.sh        (needs the zoo: bash benchmarks/cifar_zoo.sh)
 # On a GPU: ENGINE=torch DEVICE=cuda BATCH=10100 MAX=10000 bash benchmarks/cifar_certify.sh (500 images)
-# ROUTER=folder certifies another router; RESULTS=folder writes the TSVs elsewhere.
+# ROUTER=folder certifies another router; RESULTS=folder writes the TSVs elsewhere; EXPERTS=prefix takes the
+# experts PREFIX0.25, PREFIX0.5, PREFIX1.0 (default experts/zoo/cifar10-resnet20-sigma; the consistency zoo:
+# EXPERTS=benchmarks/training/cifar10-resnet20-cr-sigma). Also writes cascade.tsv (--select cascade, p0 0.5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -16,6 +18,7 @@ DEVICE=${DEVICE:-cpu}
 BATCH=${BATCH:-400}
 ROUTER=${ROUTER:-router/zoo/cifar10-router}
 RESULTS=${RESULTS:-benchmarks/results/cifar10}
+EXPERTS=${EXPERTS:-experts/zoo/cifar10-resnet20-sigma}
 if [ ! -f "$DATA/cifar10_test.npz" ]; then
   echo "skip: $DATA/cifar10_test.npz not found (set DATA=folder with cifar10_test.npz)" >&2
   exit 0
@@ -24,8 +27,7 @@ mkdir -p "$RESULTS"
 # ONNX Runtime fp32 draws the same keyed host noise as the torch CPU engine and gave identical
 # certificates in every comparison (benchmarks/RESULTS.md), at ~1.6x its speed on this CPU.
 if [ "$ENGINE" = onnxruntime ]; then
-  for m in experts/zoo/cifar10-resnet20-sigma0.25 experts/zoo/cifar10-resnet20-sigma0.5 \
-           experts/zoo/cifar10-resnet20-sigma1.0 "$ROUTER"; do
+  for m in "${EXPERTS}0.25" "${EXPERTS}0.5" "${EXPERTS}1.0" "$ROUTER"; do
     if [ -f "$m/config.json" ] && [ ! -f "$m/model.onnx" ]; then dualrs-route export "$m" --to onnx; fi
   done
 fi
@@ -38,12 +40,15 @@ fi
 pids=()
 run() { if [ "${PARALLEL:-0}" = 1 ]; then "$@" & pids+=($!); else "$@"; fi; }
 for s in 0.25 0.5 1.0; do
-  run dualrs-route certify --expert experts/zoo/cifar10-resnet20-sigma$s "${common[@]}" --out "$RESULTS/expert-$s.tsv"
+  run dualrs-route certify --expert "${EXPERTS}$s" "${common[@]}" --out "$RESULTS/expert-$s.tsv"
 done
+run dualrs-route certify --expert "${EXPERTS}0.25" --expert "${EXPERTS}0.5" --expert "${EXPERTS}1.0" --select cascade \
+  "${common[@]}" --out "$RESULTS/cascade.tsv"
 if [ -f "$ROUTER/config.json" ]; then
   run dualrs-route certify --router "$ROUTER" "${common[@]}" --out "$RESULTS/router.tsv"
 fi
 for pid in "${pids[@]}"; do wait "$pid"; done
 if [ ! -f "$ROUTER/config.json" ]; then exit 0; fi
-dualrs-route analyze "$RESULTS"/expert-0.25.tsv "$RESULTS"/expert-0.5.tsv "$RESULTS"/expert-1.0.tsv "$RESULTS"/router.tsv \
+dualrs-route analyze "$RESULTS"/expert-0.25.tsv "$RESULTS"/expert-0.5.tsv "$RESULTS"/expert-1.0.tsv "$RESULTS"/cascade.tsv \
+  "$RESULTS"/router.tsv \
   --radii 0,0.25,0.5,0.75,1.0,1.25,1.5

@@ -2,24 +2,32 @@
 # Rebuild the CIFAR-10 zoo (three Gaussian-augmentation experts + one router) from ../shared/data.
 # Resumable: finished folders are skipped and an interrupted training resumes from its checkpoint.
 # Usage: bash benchmarks/cifar_zoo.sh [experts|labels|router|all]   (default: all)
+# The consistency zoo (trained by benchmarks/train_zoo.sh): EXPERTS=benchmarks/training/cifar10-resnet20-cr-sigma
+# RUNS=benchmarks/results/zoo2-labels ROUTER=router/zoo/cifar10-router-cr bash benchmarks/cifar_zoo.sh labels (then router)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 THREADS=${THREADS:-2}
 EPOCHS=${EPOCHS:-6}
 ZOO=experts/zoo
+EXPERTS=${EXPERTS:-$ZOO/cifar10-resnet20-sigma}   # the experts are ${EXPERTS}0.25, ${EXPERTS}0.5, ${EXPERTS}1.0
 if [ ! -f "$DATA/cifar10_train.npz" ]; then
   echo "skip: $DATA/cifar10_train.npz not found (set DATA=folder with cifar10_train.npz/cifar10_test.npz)" >&2
   exit 0
 fi
 stage=${1:-all}
 if [ "$stage" = experts ] || [ "$stage" = all ]; then
+  if [ "$EXPERTS" != "$ZOO/cifar10-resnet20-sigma" ]; then
+    echo "the experts stage trains the 6-epoch Gaussian zoo into $ZOO only; train ${EXPERTS}* with benchmarks/train_zoo.sh" >&2
+    [ "$stage" = experts ] && exit 1
+  else
   for s in 0.25 0.5 1.0; do
-    out=$ZOO/cifar10-resnet20-sigma$s
+    out=${EXPERTS}$s
     if [ -f "$out/config.json" ]; then echo "have $out"; continue; fi
     dualrs-route train-expert --dataset cifar10 --data "$DATA" --sigma $s --arch cifar_resnet20 \
       --epochs "$EPOCHS" --batch 128 --lr 0.1 --seed 0 --threads "$THREADS" --out "$out"
   done
+  fi
 fi
 # --- router labels and router (issue 4) ---
 # labels: each expert certified with N0 = 10, N = 100, alpha = 0.001 on the first LABEL_IMAGES training
@@ -35,14 +43,13 @@ HOLDOUT_IMAGES=${HOLDOUT_IMAGES:-500}
 ROUTER_EPOCHS=${ROUTER_EPOCHS:-20}
 ROUTER_DEVICE=${ROUTER_DEVICE:-cpu}   # cuda: the committed router was trained there
 ROUTER_EXTRA=${ROUTER_EXTRA:-}   # e.g. "--temperature 0.1": extra train-router options (recorded in config.json)
-RUNS=benchmarks/results/zoo-labels   # committed (small; radii, labels and indices only, no images) so a later session can resume
-ROUTER=router/zoo/cifar10-router
-CIFAR_EXPERTS=(--expert $ZOO/cifar10-resnet20-sigma0.25 --expert $ZOO/cifar10-resnet20-sigma0.5
-               --expert $ZOO/cifar10-resnet20-sigma1.0)
+RUNS=${RUNS:-benchmarks/results/zoo-labels}   # committed (small; radii, labels and indices only, no images) so a later session can resume
+ROUTER=${ROUTER:-router/zoo/cifar10-router}
+CIFAR_EXPERTS=(--expert "${EXPERTS}0.25" --expert "${EXPERTS}0.5" --expert "${EXPERTS}1.0")
 need_experts() {
   for s in 0.25 0.5 1.0; do
-    if [ ! -f "$ZOO/cifar10-resnet20-sigma$s/config.json" ]; then
-      echo "error: $ZOO/cifar10-resnet20-sigma$s is not trained yet; run: bash benchmarks/cifar_zoo.sh experts" >&2
+    if [ ! -f "${EXPERTS}$s/config.json" ]; then
+      echo "error: ${EXPERTS}$s is not trained yet (bash benchmarks/cifar_zoo.sh experts, or benchmarks/train_zoo.sh)" >&2
       exit 1
     fi
   done
@@ -83,7 +90,7 @@ if [ "$stage" = router ] || [ "$stage" = all ]; then
     # (benchmarks/results/router-sweep/). The committed router was trained on an H100 (ROUTER_DEVICE=cuda,
     # 146 s); on 2 CPU cores expect about 50 s per epoch, and a different noise stream (same recipe).
     # shellcheck disable=SC2086
-    dualrs-route train-router "${labels[@]}" "${CIFAR_EXPERTS[@]}" --init $ZOO/cifar10-resnet20-sigma1.0 \
+    dualrs-route train-router "${labels[@]}" "${CIFAR_EXPERTS[@]}" --init "${EXPERTS}1.0" \
       --arch confidence_head --arch-args '{"base": "cifar_resnet20", "base_classes": 10, "hidden": 32}' \
       --sigma-e 1.0 --epochs "$ROUTER_EPOCHS" --weight-decay 0.01 --eta 0.5 --seed 0 --threads "$THREADS" \
       --device "$ROUTER_DEVICE" --data "$DATA" "${holdout[@]}" --batch 64 --lr 0.001 --lambda 20 --temperature 0.1 \

@@ -7,8 +7,8 @@ a pure function of (inputs, models, seed), whatever the batch size.
 
 **Schedule and validity (a union bound over a fixed schedule of looks).** The looks
 n_1 < n_2 < ... < n_J = N (the cap) are fixed before any sample is drawn: n_1 = ``first`` (default
-100), each next one ``ratio`` times the last (default 1.3, rounded up) while below N / sqrt(ratio),
-then N itself (N = 100,000 gives J = 27 looks; ratio 2 gives 11). Look j computes the one-sided Clopper-Pearson
+100), each next one ``ratio`` times the last (default 1.2, rounded up) while below N / sqrt(ratio),
+then N itself (N = 100,000 gives J = 39 looks; ratio 2 gives 11). Look j computes the one-sided Clopper-Pearson
 lower bound LB_j at level alpha_j, with alpha_1 + ... + alpha_J = alpha. Let p be the true probability
 of the selected class. The event E = {LB_j > p for some j} has P[E] <= sum_j P[LB_j > p] <= sum_j
 alpha_j = alpha. Outside E every LB_j <= p, so at *any* stopping time, however it depends on the
@@ -24,7 +24,7 @@ early (hopeless rows, target-radius rows, rows at p_hat = 1 that pass a grid rad
 feel it; rows that need the whole cap do, and they are the ones whose certified accuracy differs from
 a fixed-N run. So by default the cap gets ``final_share`` = 0.7 of alpha and the J - 1 earlier looks
 split the rest evenly (``final_share=None``: alpha / J at every look). At N = 100,000 and alpha =
-0.001 the cap's largest radius is then 3.80 sigma (fixed N: 3.81, even split over 27 looks: 3.71). The
+0.001 the cap's largest radius is then 3.80 sigma (fixed N: 3.81, even split over 39 looks: 3.70). The
 cap always keeps the largest level. Betting confidence sequences (Voracek et al. 2024) can be tighter
 still, but their bound is not a closed-form quantile and a one-look run would no longer equal CERTIFY;
 they are left for later.
@@ -49,7 +49,7 @@ would halve the lower bound's level for a claim the certificate never makes.
   against running to the cap;
 * ``grid`` (no target, a ``radius_grid`` step g): the next multiple of g above the current radius,
   g+, is out of reach: above the reachable radius (or ``enough_radius``), or its probability
-  Phi(g+ / sigma) is above UB_j, or (``projection_level`` gamma, default 0.02) above the cap's lower
+  Phi(g+ / sigma) is above UB_j, or (``projection_level`` gamma, default 0.05) above the cap's lower
   bound projected with the remaining samples hitting at rate UB(gamma), the (1 - gamma) upper
   confidence bound of p from the counts so far. The first case can never change the row's certified
   accuracy at a multiple of g against running to the cap with the same schedule; the second does so
@@ -89,20 +89,20 @@ from .stats import (
 
 DEFAULT_FIRST_LOOK = 100
 """Samples at the first look; the looks grow by ``DEFAULT_LOOK_RATIO`` from there up to the cap."""
-DEFAULT_LOOK_RATIO = 1.3
-"""Each look has this many times the previous look's samples (rounded up): 27 looks from 100 to 100,000.
+DEFAULT_LOOK_RATIO = 1.2
+"""Each look has this many times the previous look's samples (rounded up): 39 looks from 100 to 100,000.
 A finer schedule stops rows nearer the sample count they need (a row overshoots by up to the ratio) at
-the price of more looks sharing alpha; 1.3 and 1.5 beat 2 on the simulated CIFAR-10 runs
+the price of more looks sharing alpha; 1.2 beat 1.3, 1.5 and 2 on the simulated CIFAR-10 runs
 (benchmarks/RESULTS.md)."""
 DEFAULT_FINAL_SHARE = 0.7
 """Share of alpha kept for the last look (the cap); the other looks split the rest evenly. Rows that
 need the whole cap are the ones whose certificate the split costs most, so they keep most of alpha
-(log(1 / alpha) at the cap grows by 0.36 against a fixed-N run instead of log(J) = 3.3 with an even
-split over 27 looks)."""
-DEFAULT_PROJECTION_LEVEL = 0.02
+(log(1 / alpha) at the cap grows by 0.36 against a fixed-N run instead of log(J) = 3.7 with an even
+split over 39 looks)."""
+DEFAULT_PROJECTION_LEVEL = 0.05
 """Grid stop (``radius_grid``): a row stops once the lower bound the cap would give, with the remaining
 samples hitting at the (1 - level) upper confidence bound of p, cannot reach the next grid radius.
-This is a sampling heuristic, never part of the certificate; 0.02 lost at most 0.4 points of certified
+This is a sampling heuristic, never part of the certificate; 0.05 lost at most 0.4 points of certified
 accuracy against fixed N = 100,000 in the simulations of benchmarks/RESULTS.md (worst of 5 seeds). ``None``: only the
 all-hits reach and the upper bound at the look's level stop a grid row (no loss beyond 2 alpha per row)."""
 DEFAULT_RADIUS_TOL = 0.01

@@ -181,13 +181,13 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
                    "a row stops once certified at R.")
 @click.option("--first-look", type=int, default=None, help="Sequential: samples at the first look (default 100).")
 @click.option("--look-ratio", type=float, default=None,
-              help="Sequential: each look has this many times the previous look's samples (default 1.3; 2 doubles).")
+              help="Sequential: each look has this many times the previous look's samples (default 1.2; 2 doubles).")
 @click.option("--final-share", type=float, default=None,
               help="Sequential: share of each stage's alpha kept for its last look, the cap (default 0.7; 0 splits "
                    "alpha evenly over the looks).")
 @click.option("--projection-level", type=float, default=None,
               help="With --radius-grid: a row stops once the cap, with the remaining samples hitting at the "
-                   "(1 - LEVEL) upper confidence bound, could not reach the next grid radius (default 0.02; 0 "
+                   "(1 - LEVEL) upper confidence bound, could not reach the next grid radius (default 0.05; 0 "
                    "turns it off: then a grid stop costs a row's accuracy with probability <= 2 alpha). A sampling "
                    "rule only: the certificate's guarantee does not depend on it.")
 def certify(**options):

@@ -42,7 +42,7 @@ from dualrs_route.experts.stats import ABSTAIN, certify_from_counts, lower_confi
 from rs_oracle import BinaryLinear, linear_model
 
 ALPHA = 0.1
-N0, CAP, FIRST = 100, 1600, 100  # looks 100, 130, 169, ..., 1065, 1385, 1600 (12)
+N0, CAP, FIRST = 100, 1600, 100  # looks 100, 120, 144, ..., 1078, 1294, 1600 (16)
 SIGMA = 0.5
 TRIALS = 2000  # sd of a rate near alpha = 0.1: 0.0067; a 2x violation (0.2) is 15 sd above alpha
 W = np.array([[0, 0, 0, 0], [0.6, -0.8, 0.0, 0.0]], np.float32)  # |dw| = 1
@@ -110,10 +110,12 @@ def test_look_schedule_grows_by_the_ratio_to_the_cap():
     assert look_schedule(100, 100) == (100,) and look_schedule(50, 100) == (50,)
     assert look_schedule(1000, 300, 2) == (300, 600, 1000)
     assert look_schedule(1600, 100, 1.5) == (100, 150, 225, 338, 507, 761, 1142, 1600)  # rounded up
-    assert look_schedule(CAP, FIRST) == (100, 130, 169, 220, 286, 372, 484, 630, 819, 1065, 1385, 1600)  # 1.3
+    assert look_schedule(1600, 100, 1.3) == (100, 130, 169, 220, 286, 372, 484, 630, 819, 1065, 1385, 1600)
+    assert look_schedule(CAP, FIRST) == (100, 120, 144, 173, 208, 250, 300, 360, 432, 519, 623, 748, 898, 1078,
+                                         1294, 1600)  # the default 1.2
     # no sliver before the cap: 65,880 * 1.5 = 98,820 is dropped, as is a first look within sqrt(ratio) of the cap
     assert look_schedule(100_000, ratio=1.5)[-3:] == (43_920, 65_880, 100_000)
-    assert len(look_schedule(100_000)) == 27 and look_schedule(110, 100) == (110,)
+    assert len(look_schedule(100_000)) == 39 and look_schedule(105, 100) == (105,)
     for bad in (1.0, 0.5, float("nan"), 17):
         with pytest.raises(ValueError):
             look_schedule(1000, 100, bad)
@@ -123,8 +125,8 @@ def test_union_bound_levels_sum_to_alpha():
     even = union_bound_schedule(100_000, 0.001, ratio=2, final_share=None)
     assert len(even.levels) == 11 and math.isclose(sum(even.levels), 0.001) and len(set(even.levels)) == 1
     s = union_bound_schedule(100_000, 0.001)  # default: 0.7 of alpha at the cap, the rest evenly
-    assert len(s.levels) == 27 and math.isclose(sum(s.levels), 0.001) and math.isclose(s.levels[-1], 0.0007)
-    assert len(set(s.levels[:-1])) == 1 and math.isclose(s.levels[0], 0.0003 / 26)
+    assert len(s.levels) == 39 and math.isclose(sum(s.levels), 0.001) and math.isclose(s.levels[-1], 0.0007)
+    assert len(set(s.levels[:-1])) == 1 and math.isclose(s.levels[0], 0.0003 / 38)
     # a share below 1 / J is raised to the even split, so the cap keeps the largest level
     assert union_bound_schedule(1600, 0.1, 100, 2, 0.1).levels == (0.02,) * 5
     for bad in (0.0, 1.0, -0.5):
@@ -211,7 +213,7 @@ def test_hopeless_rows_abstain_at_the_first_look():
     certs = [certify_sequential(0, binomial_draw(rng, 0.3), sigma=SIGMA, schedule=sound(), policy=StopPolicy())
              for _ in range(200)]
     assert all(c.abstained for c in certs) and all(c.stop == STOP_FUTILE for c in certs)
-    # the first look runs at 0.3 alpha / 11 (0.7 alpha is kept for the cap): most stop there, all soon after
+    # the first look runs at 0.3 alpha / 15 (0.7 alpha is kept for the cap): most stop there, all soon after
     assert np.mean([c.n == FIRST for c in certs]) > 0.85 and max(c.n for c in certs) <= 286
 
 
@@ -342,7 +344,7 @@ def test_reported_bound_is_the_best_over_looks_and_never_above_the_last_look_alo
     for _ in range(50):
         c = simulate_single(0.8, sound(), StopPolicy(), rng)
         assert c.p_lower >= lower_confidence_bound(c.count, c.n, sound().levels[c.looks - 1]) - 1e-15
-        assert c.n == look_schedule(CAP, FIRST)[c.looks - 1] and 1 <= c.looks <= 12
+        assert c.n == look_schedule(CAP, FIRST)[c.looks - 1] and 1 <= c.looks <= 16
 
 
 # --- identity with CERTIFY and the keyed stream ----------------------------------------

@@ -39,8 +39,8 @@ def test_sequential_rows_have_the_new_columns_and_save_samples(cli_expert, tmp_p
     assert tuple(Path(out).read_text().splitlines()[0].split("\t")) == SEQUENTIAL_COLUMNS
     assert SEQUENTIAL_COLUMNS[:len(COLUMNS)] == COLUMNS
     rows = rows_of(out)
-    looks = look_schedule(800, 50)  # default ratio 1.3: 50, 65, 85, ..., 541, 800
-    assert len(looks) == 11
+    looks = look_schedule(800, 50)  # default ratio 1.2: 50, 60, 72, ..., 660, 800
+    assert len(looks) == 16
     for row in rows:
         assert int(row["n_expert_used"]) in looks and int(row["n_used"]) == 20 + int(row["n_expert_used"])
         assert row["stop"] in STOP_RULES and row["n_router_used"] == "-"
@@ -92,7 +92,7 @@ def test_grid_and_max_radius_runs_record_their_settings(cli_expert, tmp_path):
     assert all(r["stop"] != "target" or float(r["radius"]) >= 0.3 for r in rows)
     seq = json.loads(Path(str(out) + ".json").read_text())["settings"]["sequential"]
     assert (seq["radius_grid"], seq["max_radius"]) == (0.1, 0.3)
-    assert (seq["look_ratio"], seq["final_share"], seq["projection_level"]) == (1.3, 0.7, 0.02)
+    assert (seq["look_ratio"], seq["final_share"], seq["projection_level"]) == (1.2, 0.7, 0.05)
     report = invoke("analyze", out)
     assert report.exit_code == 0, report.output
     assert ("grid ran with --max-radius 0.3: its rows stop once certified at radius 0.3, so its certified "
