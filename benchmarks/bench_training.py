@@ -5,6 +5,11 @@ A step is what `train-expert` does per batch: vectorised crop/flip, noise, forwa
 SGD step (ResNet-20, channels_last, batch 128). Seconds per epoch = median step x ceil(50,000 / batch).
 
     python benchmarks/bench_training.py [--threads 2] [--steps 6] [--json out.json]
+
+``--compare A.pt B.pt ...``: accuracy instead of speed. For training checkpoints of the same recipe (e.g.
+fp32 and bf16 runs stopped at the same epoch), print each run's per-epoch training record side by side
+and each model's noisy accuracy (one Gaussian copy per image at the checkpoint's sigma, seed 0) on the
+first 2,000 CIFAR-10 test images (``--data``, default ../shared/data).
 """
 
 from __future__ import annotations
@@ -36,13 +41,51 @@ def cpu_description() -> dict:
     return info
 
 
+def compare(paths: list[str], data: str, threads: int, out: str | None) -> None:
+    import numpy as np
+    import torch
+
+    from dualrs_route.experts.architectures import build_model
+    from dualrs_route.experts.data import CIFAR10_MEAN, CIFAR10_STD, load_dataset
+    from dualrs_route.experts.training import noisy_accuracy
+
+    torch.set_num_threads(threads)
+    test = load_dataset("cifar10", split="test", data=data)
+    runs = []
+    for path in paths:
+        state = torch.load(path, weights_only=True)
+        settings = state["settings"]
+        model = build_model(settings["arch"], num_classes=10, input_shape=(3, 32, 32), mean=CIFAR10_MEAN,
+                            std=CIFAR10_STD, **settings.get("arch_args", {}))
+        model.load_state_dict(state["model"])
+        accuracy = noisy_accuracy(model, test, np.arange(2000), settings["sigma"], 0)
+        runs.append({"checkpoint": path, "precision": settings["precision"], "sigma": settings["sigma"],
+                     "epoch": state["epoch"], "history": state["history"], "noisy_test_accuracy_2000": accuracy})
+    head = "epoch | " + " | ".join(f"{r['precision']} loss | {r['precision']} noisy train acc" for r in runs)
+    print(head)
+    for e in range(min(r["epoch"] for r in runs)):
+        print(f"{e + 1} | " + " | ".join(f"{r['history'][e]['loss']:.4f} | {100 * r['history'][e]['noisy_train_accuracy']:.2f}"
+                                         for r in runs))
+    for r in runs:
+        print(f"{r['checkpoint']}: {r['precision']}, epoch {r['epoch']}, noisy test accuracy (sigma {r['sigma']}, "
+              f"2,000 images) {100 * r['noisy_test_accuracy_2000']:.2f}%")
+    if out:
+        Path(out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu_description(), "runs": runs},
+                                        indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compare", nargs="+", default=None, metavar="CHECKPOINT")
+    parser.add_argument("--data", default="../shared/data")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after 2 warm-up)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.compare:
+        compare(args.compare, args.data, args.threads, args.json)
+        return
 
     import torch
 

@@ -173,7 +173,7 @@ def run_dataset(*, out: str | Path, experts: Sequence[str] = (), router: str | N
                 target_radius: float | None = None, radius_tol: float | None = None, first_look: int | None = None,
                 radius_grid: float | None = None, max_radius: float | None = None, look_ratio: float | None = None,
                 final_share: float | None = None, projection_level: float | None = None,
-                command: str = "dualrs_route.run_dataset",
+                share_noise: bool = False, command: str = "dualrs_route.run_dataset",
                 progress: Callable | None = None) -> tuple[ResultTable, dict]:
     """Certify every ``skip``-th example of a dataset below ``max_index`` (Cohen's protocol) into ``out``.
 
@@ -190,7 +190,7 @@ def run_dataset(*, out: str | Path, experts: Sequence[str] = (), router: str | N
                     precision=precision, device=device, batch=batch, cascade_p0=cascade_p0, sequential=sequential,
                     target_radius=target_radius, radius_tol=radius_tol, first_look=first_look,
                     radius_grid=radius_grid, max_radius=max_radius, look_ratio=look_ratio, final_share=final_share,
-                    projection_level=projection_level)
+                    projection_level=projection_level, share_noise=share_noise)
     ds = load_dataset(dataset, split=split, data=data)
     execute(plan, ds, skip=skip, max_index=max_index, out_path=Path(out), data=data, command=command,
             progress=progress)

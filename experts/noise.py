@@ -12,7 +12,9 @@ different numbers for the same seed), so results are reproducible per
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,13 +66,86 @@ def block_pieces(start: int, stop: int):
         yield block, max(start, block * BLOCK) - block * BLOCK, min(stop, (block + 1) * BLOCK) - block * BLOCK
 
 
+DEFAULT_SHARE_BYTES = 1 << 30
+"""Default memory for the unit-noise blocks one example keeps for reuse (:func:`sharing`): 1 GiB, a CIFAR-10
+router stage of about 87,000 samples."""
+
+
+class BlockCache:
+    """Unit-noise blocks drawn while it is active, kept for a second reader of the same stream.
+
+    Keyed by (source, device, seed, index, stage, block, shape); holds at most ``max_bytes`` (later blocks
+    are drawn again, never dropped from the results: a block's values do not depend on the cache). One
+    lock, because ONNX Runtime draws its noise on a prefetch thread. ``hits``/``misses`` count blocks."""
+
+    def __init__(self, max_bytes: int = DEFAULT_SHARE_BYTES):
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._blocks: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, tag: tuple):
+        with self._lock:
+            value = self._blocks.get(tag)
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return value
+
+    def release(self) -> None:
+        """Drop the kept blocks (the counts and ``bytes``, the most held, stay for reports)."""
+        with self._lock:
+            self._blocks.clear()
+
+    def put(self, tag: tuple, value, nbytes: int) -> bool:
+        """Keep ``value`` if it fits; return whether it was kept (the caller then must not modify it)."""
+        with self._lock:
+            if tag in self._blocks or self.bytes + nbytes > self.max_bytes:
+                return False
+            self._blocks[tag] = value
+            self.bytes += nbytes
+            return True
+
+
+_active: BlockCache | None = None
+
+
+@contextlib.contextmanager
+def sharing(max_bytes: int = DEFAULT_SHARE_BYTES):
+    """Within this block, every unit-noise block drawn (torch or numpy source) is kept in a
+    :class:`BlockCache` (yielded) and a later draw of the same block copies it instead of drawing it
+    again. Results are unchanged: a block's values are a pure function of its key. Not nestable."""
+    global _active
+    if _active is not None:
+        raise RuntimeError("noise sharing is already active")
+    cache = _active = BlockCache(max_bytes)
+    try:
+        yield cache
+    finally:
+        _active = None
+        cache.release()
+
+
 def numpy_block(key: NoiseKey, block: int, shape: tuple[int, ...]) -> np.ndarray:
     """Standard-normal float32 noise of block ``block``: shape [BLOCK, *shape], from numpy's PCG64.
 
-    Used by engines that run without torch. Not the same numbers as the torch streams.
+    Used by engines that run without torch. Not the same numbers as the torch streams. Inside
+    :func:`sharing`, a block drawn before is returned from the cache (do not modify the result).
     """
+    cache = _active
+    tag = ("numpy", key.seed, key.index, int(key.stage), block, tuple(shape))
+    if cache is not None:
+        kept = cache.get(tag)
+        if kept is not None:
+            return kept
     rng = np.random.Generator(np.random.PCG64(key.block_seed(block)))
-    return rng.standard_normal((BLOCK, *shape), dtype=np.float32)
+    value = rng.standard_normal((BLOCK, *shape), dtype=np.float32)
+    if cache is not None:
+        cache.put(tag, value, value.nbytes)
+    return value
 
 
 def numpy_noise(key: NoiseKey, start: int, stop: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -89,13 +164,21 @@ def fill_torch_noise(out, generator, key: NoiseKey, s0: int, s1: int) -> None:
     sample's value does not depend on which call or batch draws it."""
     import torch
 
+    cache = _active
     offset = 0
     for block, lo, hi in block_pieces(s0, s1):
-        generator.manual_seed(key.block_seed(block))
-        if lo == 0 and hi == BLOCK:
-            target = out[offset:offset + BLOCK]
-            torch.randn(target.shape, generator=generator, device=out.device, out=target)
+        tag = ("torch", str(out.device), key.seed, key.index, int(key.stage), block, tuple(out.shape[1:]))
+        kept = cache.get(tag) if cache is not None else None
+        if kept is not None:
+            out[offset:offset + hi - lo].copy_(kept[lo:hi])
         else:
-            full = torch.randn((BLOCK, *out.shape[1:]), generator=generator, device=out.device)
-            out[offset:offset + hi - lo].copy_(full[lo:hi])
+            generator.manual_seed(key.block_seed(block))
+            if lo == 0 and hi == BLOCK and cache is None:
+                target = out[offset:offset + BLOCK]
+                torch.randn(target.shape, generator=generator, device=out.device, out=target)
+            else:
+                full = torch.randn((BLOCK, *out.shape[1:]), generator=generator, device=out.device)
+                out[offset:offset + hi - lo].copy_(full[lo:hi])
+                if cache is not None:
+                    cache.put(tag, full, full.numel() * full.element_size())
         offset += hi - lo

@@ -11,6 +11,25 @@ K expert RS classifiers. For one input x:
    1 - alpha - beta (union bound; Theorem 4.2 of the paper) the routed smoothed
    classifier x' -> g_{k(x')}(x') predicts c on the whole L2 ball of that radius.
    Either stage abstaining means the result abstains.
+
+**Shared noise** (``DualCertifier(..., share_noise=True)``, ``certify --share-noise``). Where the routed
+expert's sigma equals the router's sigma_e, the expert stage reads the router stage's noisy inputs
+instead of its own streams: its selection the router's selection stream (ROUTER_SELECT), its
+estimation the router's estimation stream (ROUTER_ESTIMATE), and the unit-noise blocks the router
+drew are kept in memory (:func:`experts.noise.sharing`) and copied, not drawn again. Why the
+guarantee stays 1 - alpha - beta: let A be the event that the router's certificate is wrong
+(P[A] <= beta, the router stage is unchanged) and, for each expert k, B_k the event that expert k's
+certificate, computed from guess_k (its selection on ROUTER_SELECT) and the ROUTER_ESTIMATE samples,
+is wrong. The routed k* and every guess_k are functions of the ROUTER_SELECT noise only, and the
+ROUTER_ESTIMATE noise is independent of it, so given the ROUTER_SELECT noise, B_k is a Clopper-Pearson
+bound on fresh i.i.d. samples for a fixed class: P[B_k | ROUTER_SELECT] <= alpha (sequential: every
+look of the fixed schedule, whatever stops it, including the router's counts on the same samples).
+So P[B_k*] = E[sum_k 1{k* = k} P[B_k | ROUTER_SELECT]] <= alpha, and a wrong routed certificate lies
+in A or B_k*: probability <= alpha + beta, a union bound that needs no independence between the
+stages. The router abstaining (a function of ROUTER_ESTIMATE) only removes results. What would be
+wrong: selecting the expert's class on the same samples its bound is computed from (a test shows
+that variant failing the oracle), or sharing PREDICT's noise, whose test would then run on the samples
+that chose the expert; so PREDICT never shares.
 """
 
 from __future__ import annotations
@@ -24,7 +43,7 @@ import numpy as np
 from dualrs_route.experts.errors import IncompatibleModelsError
 from dualrs_route.experts.folders import ModelFolder, check_listed_reference, load_folder
 from dualrs_route.export.engines import make_counter
-from dualrs_route.experts.noise import Stage
+from dualrs_route.experts.noise import DEFAULT_SHARE_BYTES, Stage, sharing
 from dualrs_route.experts.smoothing import SmoothedClassifier
 from dualrs_route.experts.sequential import Schedule, SequentialCertificate, StopPolicy
 from dualrs_route.experts.stats import ABSTAIN, Certificate, check_alpha
@@ -104,20 +123,48 @@ def router_smoothed(counter, sigma: float) -> SmoothedClassifier:
 class DualCertifier:
     """Routes each input with a smoothed router, then certifies it with the chosen smoothed expert."""
 
-    def __init__(self, router: SmoothedClassifier, experts: Sequence[SmoothedClassifier]):
+    def __init__(self, router: SmoothedClassifier, experts: Sequence[SmoothedClassifier], *,
+                 share_noise: bool = False, share_bytes: int = DEFAULT_SHARE_BYTES):
         if router.num_classes != len(experts):
             raise IncompatibleModelsError(f"the router has {router.num_classes} outputs but {len(experts)} experts were given")
         self.router = router
         self.experts = list(experts)
+        self.share_noise = bool(share_noise)
+        self.share_bytes = int(share_bytes)
+        self.last_share = None  # the BlockCache of the last row that shared noise (hits/misses, for tests)
+        # expert k reads the router's streams where sigma_k = sigma_e (the module docstring's argument)
+        self._stage_experts = [
+            SmoothedClassifier(e.counter, e.sigma, select_stage=Stage.ROUTER_SELECT,
+                               estimate_stage=Stage.ROUTER_ESTIMATE, predict_stage=e.predict_stage)
+            if self.share_noise and e.sigma == router.sigma else e for e in self.experts]
+
+    @property
+    def shares(self) -> bool:
+        """Whether any expert reads the router's noise (``share_noise`` and some sigma_k = sigma_e)."""
+        return any(a is not b for a, b in zip(self._stage_experts, self.experts))
+
+    def _sharing(self):
+        import contextlib
+
+        if not self.shares:
+            return contextlib.nullcontext()
+        return sharing(self.share_bytes)
 
     def certify(self, x: np.ndarray, *, n0: int, n: int, alpha: float, router_n0: int, router_n: int, beta: float,
                 seed: int = 0, index: int = 0) -> RoutedCertificate:
-        """Dual CERTIFY of one input; valid with probability >= 1 - alpha - beta."""
+        """Dual CERTIFY of one input; valid with probability >= 1 - alpha - beta (also with shared noise)."""
+        with self._sharing() as cache:
+            result = self._certify(x, n0=n0, n=n, alpha=alpha, router_n0=router_n0, router_n=router_n, beta=beta,
+                                   seed=seed, index=index)
+        self.last_share = cache
+        return result
+
+    def _certify(self, x, *, n0, n, alpha, router_n0, router_n, beta, seed, index) -> RoutedCertificate:
         routed = self.router.certify(x, n0=router_n0, n=router_n, alpha=beta, seed=seed, index=index)
         if routed.abstained:
             return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None)
         expert = routed.prediction
-        result = self.experts[expert].certify(x, n0=n0, n=n, alpha=alpha, seed=seed, index=index)
+        result = self._stage_experts[expert].certify(x, n0=n0, n=n, alpha=alpha, seed=seed, index=index)
         if result.abstained:
             return RoutedCertificate(ABSTAIN, 0.0, expert, routed, result)
         return RoutedCertificate(result.prediction, min(routed.radius, result.radius), expert, routed, result)
@@ -126,15 +173,18 @@ class DualCertifier:
                            router_schedule: Schedule, policy: StopPolicy = StopPolicy(), seed: int = 0,
                            index: int = 0) -> RoutedCertificate:
         """Min-aware sequential dual CERTIFY (:func:`min_aware_certify`); valid with probability
-        >= 1 - sum(schedule.levels) - sum(router_schedule.levels)."""
-        guess = self.router.select(x, n0=router_n0, seed=seed, index=index)
-        return min_aware_certify(
-            guess,
-            lambda p: self.router.estimate_sequential(x, guess, schedule=router_schedule, policy=p, seed=seed,
-                                                      index=index),
-            lambda k, p: self.experts[k].certify_sequential(x, n0=n0, schedule=schedule, policy=p, seed=seed,
-                                                            index=index),
-            [schedule.max_radius(e.sigma) for e in self.experts], policy)
+        >= 1 - sum(schedule.levels) - sum(router_schedule.levels) (also with shared noise)."""
+        with self._sharing() as cache:
+            guess = self.router.select(x, n0=router_n0, seed=seed, index=index)
+            result = min_aware_certify(
+                guess,
+                lambda p: self.router.estimate_sequential(x, guess, schedule=router_schedule, policy=p, seed=seed,
+                                                          index=index),
+                lambda k, p: self._stage_experts[k].certify_sequential(x, n0=n0, schedule=schedule, policy=p,
+                                                                       seed=seed, index=index),
+                [schedule.max_radius(e.sigma) for e in self.experts], policy)
+        self.last_share = cache
+        return result
 
     def predict(self, x: np.ndarray, *, n: int, alpha: float, router_n: int, beta: float, seed: int = 0,
                 index: int = 0) -> tuple[int, int]:

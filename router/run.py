@@ -131,6 +131,7 @@ class RunPlan:
     compile: bool = False
     p0: float | None = None  # cascade threshold (mode "cascade" only)
     sequential: SequentialOptions | None = None  # budget policy: None = fixed N (Cohen's CERTIFY)
+    share_noise: bool = False  # router mode: experts with sigma = sigma_e read the router's noisy inputs
 
     def settings(self, dataset: Dataset, data: str | None, indices_desc: dict, command: str,
                  engines: Sequence[dict]) -> dict:
@@ -144,6 +145,8 @@ class RunPlan:
         extra = {"cascade_p0": self.p0, "cascade_alpha_split": "even"} if self.mode == "cascade" else {}
         if self.sequential is not None:  # recorded only when on, so fixed-N results of earlier versions resume
             extra["sequential"] = self.sequential.settings()
+        if self.share_noise:  # likewise
+            extra["share_noise"] = True
         return {
             **extra,
             "command": command, "mode": self.mode, "dataset": dataset.name, "data": data, "split": dataset.split,
@@ -164,7 +167,8 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
              cascade_p0: float | None = None, sequential: bool = False, target_radius: float | None = None,
              radius_tol: float | None = None, first_look: int | None = None,
              radius_grid: float | None = None, max_radius: float | None = None, look_ratio: float | None = None,
-             final_share: float | None = None, projection_level: float | None = None) -> RunPlan:
+             final_share: float | None = None, projection_level: float | None = None,
+             share_noise: bool = False) -> RunPlan:
     """Validate options and load every model folder (no network weights yet, no output).
 
     Budgets are capped up front: N, N0 and the router's at :data:`~dualrs_route.experts.stats.MAX_SAMPLES`
@@ -172,7 +176,8 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
     :data:`~dualrs_route.experts.engine.MAX_BATCH_BYTES` (4 GiB).
 
     ``select`` is None, "router", "best-radius" (an oracle) or "cascade" (Multiscale, with
-    threshold ``cascade_p0``, default 0.5). ``sequential`` (implied by ``target_radius``) makes ``n``
+    threshold ``cascade_p0``, default 0.5). ``share_noise`` (router only): experts whose sigma equals
+    the router's sigma_e read the router stage's noisy inputs (router/dual.py). ``sequential`` (implied by ``target_radius``) makes ``n``
     and ``router_n`` caps of sequential CERTIFY (single expert) or min-aware dual CERTIFY (router).
     """
     seq = sequential_options(sequential, target_radius, radius_tol, first_look, radius_grid, max_radius, look_ratio,
@@ -190,6 +195,9 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
         sigma = check_sigma(sigma, "--sigma")
     if router and experts:
         raise IncompatibleModelsError("pass either --router (which lists its experts) or --expert, not both")
+    if share_noise and not router:
+        raise IncompatibleModelsError("--share-noise applies only with --router (the expert stage reads the router "
+                                      "stage's noisy inputs)")
     if cascade_p0 is not None and select != "cascade":
         raise IncompatibleModelsError("--cascade-p0 applies only with --select cascade")
     if router:
@@ -203,8 +211,11 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
         a, b = split_alpha(alpha, alpha_router)
         rn0 = check_budget(router_n0 if router_n0 is not None else n0, "--router-N0")
         rn = check_budget(router_n if router_n is not None else n, "--router-N")
+        if share_noise and not any(f.config.sigma == router_folder.config.sigma for f in expert_folders):
+            notes.append(f"--share-noise changes nothing here: no expert has the router's sigma_e = "
+                         f"{router_folder.config.sigma}")
         return RunPlan("router", expert_folders, router_folder, n0, n, a, b, rn0, rn, seed, engine, precision, device,
-                       batch, None, notes, sequential=seq)
+                       batch, None, notes, sequential=seq, share_noise=bool(share_noise))
     if not experts:
         raise IncompatibleModelsError("nothing to certify: pass --router REF or --expert REF")
     if alpha_router is not None or router_n0 is not None or router_n is not None:
@@ -264,7 +275,8 @@ class Runner:
             self.experts[0].sigma = plan.sigma_override
         self.dual = None
         if plan.router is not None:
-            self.dual = DualCertifier(build_smoothed(plan.router, router=True, **options), self.experts)
+            self.dual = DualCertifier(build_smoothed(plan.router, router=True, **options), self.experts,
+                                      share_noise=plan.share_noise)
         self.cascade = CascadeCertifier(self.experts) if plan.mode == "cascade" else None
         counters = ([self.dual.router.counter] if self.dual else []) + [e.counter for e in self.experts]
         self.engines = [c.describe() for c in counters]

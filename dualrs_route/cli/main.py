@@ -79,7 +79,7 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
          router_n0, router_n, batch, seed, device, engine, precision, threads, compile_, sigma, out, fmt, quiet,
          shard, ray_address, workers, gpus_per_worker, cascade_p0=None, sequential=False, target_radius=None,
          radius_tol=None, first_look=None, radius_grid=None, max_radius=None, look_ratio=None, final_share=None,
-         projection_level=None):
+         projection_level=None, share_noise=False):
     from dualrs_route.experts.data import load_dataset
 
     from dualrs_route.router.results import read_results, summarize, format_markdown
@@ -105,7 +105,7 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
                     precision=precision, device=device, batch=batch, sigma=sigma, cascade_p0=cascade_p0,
                     sequential=sequential, target_radius=target_radius, radius_tol=radius_tol, first_look=first_look,
                     radius_grid=radius_grid, max_radius=max_radius, look_ratio=look_ratio, final_share=final_share,
-                    projection_level=projection_level)
+                    projection_level=projection_level, share_noise=share_noise)
     plan.threads = threads
     plan.compile = compile_
     if task == "predict" and plan.mode == "best-radius":
@@ -180,6 +180,10 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
               help="Sequential: radii above R are worth nothing to you (e.g. the largest radius you analyse); "
                    "a row stops once certified at R.")
 @click.option("--first-look", type=int, default=None, help="Sequential: samples at the first look (default 100).")
+@click.option("--share-noise", is_flag=True,
+              help="With --router: an expert whose sigma equals the router's sigma_e reads the router stage's noisy "
+                   "inputs (selection and estimation streams) instead of drawing its own; same guarantee (union "
+                   "bound), fewer noise draws, other rows than without it.")
 @click.option("--look-ratio", type=float, default=None,
               help="Sequential: each look has this many times the previous look's samples (default 1.2; 2 doubles).")
 @click.option("--final-share", type=float, default=None,
