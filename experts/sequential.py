@@ -41,7 +41,9 @@ would halve the lower bound's level for a claim the certificate never makes.
 * ``target``: the certified radius has reached the target radius R, or the policy's
   ``enough_radius`` (beyond which no radius is worth anything; min-aware dual);
 * ``futile``: UB_j is below 1/2, or below Phi(R / sigma) with a target R: no further sample can
-  certify (at R) with the guarantee above;
+  certify (at R) with the guarantee above. With a ``radius_grid`` and ``projection_level`` also
+  when a row not yet certified has a projected cap bound (see ``grid``) below 1/2: r = 0 is the grid
+  point at stake and the cap plausibly cannot reach it (a heuristic, like the grid projection);
 * ``unreachable``: even if every remaining sample up to the cap were a hit, the lower bound at the
   final look could not certify (reach R, with a target) nor beat the current bound;
 * ``tolerance`` (no target, no grid): the reachable radius at the cap (at most ``enough_radius``) is
@@ -270,9 +272,11 @@ def stop_rule(*, sigma: float, best: float, upper: float, reach: float, last: bo
     if reach_radius is None or reach <= best or (target is not None and reach_radius < target):
         return STOP_UNREACHABLE
     worth = reach_radius if enough is None else min(reach_radius, enough)
+    step = policy.radius_grid
+    if radius is None and target is None and step is not None:  # r = 0 is the grid point at stake
+        return STOP_FUTILE if projected < 0.5 else None
     if target is not None or radius is None:
         return None
-    step = policy.radius_grid
     if step is not None:
         next_point = (math.floor(radius / step) + 1) * step
         needed = float(ndtr(next_point / sigma))
