@@ -40,6 +40,7 @@ fi
 LABEL_IMAGES=${LABEL_IMAGES:-2000}
 MORE_IMAGES=${MORE_IMAGES:-8000}
 HOLDOUT_IMAGES=${HOLDOUT_IMAGES:-500}
+LABEL_ENGINE=${LABEL_ENGINE:-auto}   # the first LABEL_IMAGES and the held-out labels (auto = torch for safetensors folders)
 ROUTER_EPOCHS=${ROUTER_EPOCHS:-20}
 ROUTER_DEVICE=${ROUTER_DEVICE:-cpu}   # cuda: the committed router was trained there
 ROUTER_EXTRA=${ROUTER_EXTRA:-}   # e.g. "--temperature 0.1": extra train-router options (recorded in config.json)
@@ -58,7 +59,7 @@ if [ "$stage" = labels ] || [ "$stage" = all ]; then
   need_experts
   mkdir -p "$RUNS"
   dualrs-route labels "${CIFAR_EXPERTS[@]}" --dataset cifar10 --data "$DATA" --split train --max "$LABEL_IMAGES" \
-    --N0 10 --N 100 --alpha 0.001 --seed 0 --batch 400 --chunk 32 --threads "$THREADS" \
+    --N0 10 --N 100 --alpha 0.001 --seed 0 --batch 400 --chunk 32 --threads "$THREADS" --engine "$LABEL_ENGINE" \
     --out "$RUNS/labels-train-$LABEL_IMAGES.npz"
   if [ "$MORE_IMAGES" -gt 0 ]; then
     dualrs-route labels "${CIFAR_EXPERTS[@]}" --dataset cifar10 --data "$DATA" --split train --start "$LABEL_IMAGES" \
@@ -68,6 +69,7 @@ if [ "$stage" = labels ] || [ "$stage" = all ]; then
   if [ "$HOLDOUT_IMAGES" -gt 0 ]; then
     dualrs-route labels "${CIFAR_EXPERTS[@]}" --dataset cifar10 --data "$DATA" --split train --start 49500 \
       --max "$HOLDOUT_IMAGES" --N0 10 --N 100 --alpha 0.001 --seed 0 --batch 400 --chunk 32 --threads "$THREADS" \
+      --engine "$LABEL_ENGINE" \
       --out "$RUNS/labels-holdout-$HOLDOUT_IMAGES.npz"
   fi
 fi
