@@ -23,20 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dualrs_route.router.results import read_results, summarize
-
-GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+from dualrs_route.router.results import DEFAULT_RADII as GRID
+from dualrs_route.router.results import read_results
+from sequential_savings import fixed_samples_per_image
 
 
 def _times(table) -> list[float]:
     return [float(v) for v in table.columns["time"]]
-
-
-def _fixed_samples(table, n0: int, n: int) -> float:
-    if table.mode != "router":
-        return float(n0 + n)
-    stages = [1 + (e != "-1:-") for e in table.columns["expert"]]
-    return float(np.mean(stages)) * (n0 + n)
 
 
 def _accuracy(table, keep=None) -> list[float]:
@@ -66,7 +59,7 @@ def main() -> None:
         committed = Path(args.fixed_dir) / f"{name}.tsv"
         if committed.exists():
             ref = read_results(committed)
-            row["fixed_samples"] = _fixed_samples(ref, 100, 10_000)
+            row["fixed_samples"] = fixed_samples_per_image(ref, 100, 10_000)
             row["fixed_accuracy_committed"] = _accuracy(ref)
         if fixed_path.exists():
             fixed = read_results(fixed_path)

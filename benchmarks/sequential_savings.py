@@ -202,6 +202,13 @@ def simulate(args) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def fixed_samples_per_image(table, n0: int, n: int) -> float:
+    """Noisy samples per row of a fixed-N results file: N0 + N per stage that ran (with a router, the
+    expert stage runs unless the router abstained)."""
+    stages = [1 + (e != "-1:-") if table.mode == "router" else 1 for e in table.columns["expert"]]
+    return float(np.mean(stages)) * (n0 + n)
+
+
 def _certify(out: Path, name: str, common: list[str], extra: list[str], n: int) -> dict:
     path = out / f"{name}.tsv"
     start = time.perf_counter()
@@ -213,9 +220,8 @@ def _certify(out: Path, name: str, common: list[str], extra: list[str], n: int) 
     n_used = table.columns.get("n_used")
     if n_used:
         samples = float(np.mean([float(v) for v in n_used]))
-    else:  # fixed N: N0 + N per stage that ran (the expert stage runs unless the router abstained)
-        stages = [1 + (e != "-1:-") if table.mode == "router" else 1 for e in table.columns["expert"]]
-        samples = float(np.mean(stages)) * (100 + n)
+    else:
+        samples = fixed_samples_per_image(table, 100, n)
     return {"file": name, "policy": name, "images": s["count"], "seconds_per_image": wall / max(s["count"], 1),
             "samples_per_image": samples, "certified_accuracy": [s["certified_accuracy"][float(r)] for r in GRID]}
 

@@ -136,8 +136,8 @@ def numpy_block(key: NoiseKey, block: int, shape: tuple[int, ...]) -> np.ndarray
     :func:`sharing`, a block drawn before is returned from the cache (do not modify the result).
     """
     cache = _active
-    tag = ("numpy", key.seed, key.index, int(key.stage), block, tuple(shape))
     if cache is not None:
+        tag = ("numpy", key.seed, key.index, int(key.stage), block, tuple(shape))
         kept = cache.get(tag)
         if kept is not None:
             return kept
@@ -167,8 +167,10 @@ def fill_torch_noise(out, generator, key: NoiseKey, s0: int, s1: int) -> None:
     cache = _active
     offset = 0
     for block, lo, hi in block_pieces(s0, s1):
-        tag = ("torch", str(out.device), key.seed, key.index, int(key.stage), block, tuple(out.shape[1:]))
-        kept = cache.get(tag) if cache is not None else None
+        kept = tag = None
+        if cache is not None:
+            tag = ("torch", str(out.device), key.seed, key.index, int(key.stage), block, tuple(out.shape[1:]))
+            kept = cache.get(tag)
         if kept is not None:
             out[offset:offset + hi - lo].copy_(kept[lo:hi])
         else:

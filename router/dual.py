@@ -34,6 +34,7 @@ that chose the expert; so PREDICT never shares.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -144,8 +145,6 @@ class DualCertifier:
         return any(a is not b for a, b in zip(self._stage_experts, self.experts))
 
     def _sharing(self):
-        import contextlib
-
         if not self.shares:
             return contextlib.nullcontext()
         return sharing(self.share_bytes)
