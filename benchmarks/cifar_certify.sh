@@ -7,7 +7,8 @@
 # On a GPU: ENGINE=torch DEVICE=cuda BATCH=10100 MAX=10000 bash benchmarks/cifar_certify.sh (500 images)
 # ROUTER=folder certifies another router; RESULTS=folder writes the TSVs elsewhere; EXPERTS=prefix takes the
 # experts PREFIX0.25, PREFIX0.5, PREFIX1.0 (default experts/zoo/cifar10-resnet20-sigma; the consistency zoo:
-# EXPERTS=benchmarks/training/cifar10-resnet20-cr-sigma). Also writes cascade.tsv (--select cascade, p0 0.5).
+# EXPERTS=benchmarks/training/cifar10-resnet20-cr-sigma). Also writes cascade.tsv (the Multiscale cascade at
+# p0 0.5, composed from the expert files' counts) and router.tsv (router-scores + compose, see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -36,18 +37,31 @@ common=(--dataset cifar10 --data "$DATA" --split test --skip 20 --max "$MAX" --N
 if [ ! -f "$ROUTER/config.json" ]; then
   echo "no router at $ROUTER (bash benchmarks/cifar_zoo.sh router): certifying the experts only" >&2
 fi
-# PARALLEL=1 runs the four certifications at once (a GPU is far from busy with one ResNet-20 stream)
+# PARALLEL=1 runs the certifications at once (a GPU is far from busy with one ResNet-20 stream)
 pids=()
 run() { if [ "${PARALLEL:-0}" = 1 ]; then "$@" & pids+=($!); else "$@"; fi; }
 for s in 0.25 0.5 1.0; do
   run dualrs-route certify --expert "${EXPERTS}$s" "${common[@]}" --out "$RESULTS/expert-$s.tsv"
 done
-run dualrs-route certify --expert "${EXPERTS}0.25" --expert "${EXPERTS}0.5" --expert "${EXPERTS}1.0" --select cascade \
-  "${common[@]}" --out "$RESULTS/cascade.tsv"
-if [ -f "$ROUTER/config.json" ]; then
+# The router's network on its own N0 + N noisy copies (the expensive half of dual CERTIFY); its expert
+# stage is then re-derived from the expert files (compose: the rows `certify --router` gives, tested).
+# ROUTER_MODE=certify runs `certify --router` instead (about one more expert's samples per image).
+if [ -f "$ROUTER/config.json" ] && [ "${ROUTER_MODE:-compose}" = compose ]; then
+  run dualrs-route router-scores --router "$ROUTER" --dataset cifar10 --data "$DATA" --split test --skip 20 \
+    --max "$MAX" --router-N0 100 --router-N 10000 --seed 0 --batch "$BATCH" --threads "$THREADS" \
+    --engine "$ENGINE" --device "$DEVICE" --quiet --out "$RESULTS/router-scores.npz"
+elif [ -f "$ROUTER/config.json" ]; then
   run dualrs-route certify --router "$ROUTER" "${common[@]}" --out "$RESULTS/router.tsv"
 fi
 for pid in "${pids[@]}"; do wait "$pid"; done
+experts=(--expert-results "$RESULTS/expert-0.25.tsv" --expert-results "$RESULTS/expert-0.5.tsv"
+         --expert-results "$RESULTS/expert-1.0.tsv")
+# The cascade reads each expert's guess and counts: the rows of `certify --select cascade`, no new samples.
+dualrs-route compose-cascade "${experts[@]}" --alpha 0.001 --cascade-p0 0.5 --out "$RESULTS/cascade.tsv" --force
+if [ -f "$ROUTER/config.json" ] && [ "${ROUTER_MODE:-compose}" = compose ]; then
+  dualrs-route compose --router "$ROUTER" --scores "$RESULTS/router-scores.npz" "${experts[@]}" --alpha 0.001 \
+    --out "$RESULTS/router.tsv" --force
+fi
 if [ ! -f "$ROUTER/config.json" ]; then exit 0; fi
 dualrs-route analyze "$RESULTS"/expert-0.25.tsv "$RESULTS"/expert-0.5.tsv "$RESULTS"/expert-1.0.tsv "$RESULTS"/cascade.tsv \
   "$RESULTS"/router.tsv \

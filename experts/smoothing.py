@@ -66,11 +66,21 @@ class SmoothedClassifier:
         1 - alpha, a non-abstaining result's class is g(x) and g is constant on the
         L2 ball of the returned radius around ``x``.
         """
-        n = check_count(n, "N")
         alpha = check_alpha(alpha)
+        guess, estimate = self.draw_counts(x, n0=n0, n=n, seed=seed, index=index)
+        return certify_from_counts(guess, int(estimate[guess]), n, self.sigma, alpha)
+
+    def draw_counts(self, x: np.ndarray, *, n0: int = DEFAULT_N0, n: int = DEFAULT_N, seed: int = 0,
+                    index: int = 0) -> tuple[int, np.ndarray]:
+        """CERTIFY's draws: ``(guess, estimation counts int64 [num_classes])``, the guess from ``n0``
+        selection samples (:meth:`select`) and the counts from ``n`` estimation samples.
+
+        These are the only random quantities of :meth:`certify`: its certificate at any alpha, and
+        the Multiscale cascade's stage for this expert (router/cascade.py), are functions of them."""
+        n = check_count(n, "N")
         guess = self.select(x, n0=n0, seed=seed, index=index)
         estimate = self.counter.counts(x, self.sigma, n, key=NoiseKey(seed, index, self.estimate_stage))
-        return certify_from_counts(guess, int(estimate[guess]), n, self.sigma, alpha)
+        return guess, np.asarray(estimate, dtype=np.int64)
 
     def select(self, x: np.ndarray, *, n0: int = DEFAULT_N0, seed: int = 0, index: int = 0) -> int:
         """CERTIFY's step 1: the most frequent class of ``n0`` selection samples (ties: lowest index)."""

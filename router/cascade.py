@@ -99,7 +99,6 @@ import numpy as np
 from scipy.stats import norm as _norm
 
 from dualrs_route.experts.errors import IncompatibleModelsError
-from dualrs_route.experts.noise import NoiseKey
 from dualrs_route.experts.smoothing import SmoothedClassifier
 from dualrs_route.experts.stats import (ABSTAIN, check_alpha, check_count, check_sigma, lower_confidence_bound,
                                         upper_confidence_bound)
@@ -384,9 +383,23 @@ class CascadeCertifier:
         p0 = check_p0(p0)
 
         def draw(k):
-            expert = self.experts[self.order[k]]
-            selection = expert.counter.counts(x, expert.sigma, n0, key=NoiseKey(seed, index, expert.select_stage))
-            estimate = expert.counter.counts(x, expert.sigma, n, key=NoiseKey(seed, index, expert.estimate_stage))
-            return int(np.argmax(selection)), estimate
+            return self.experts[self.order[k]].draw_counts(x, n0=n0, n=n, seed=seed, index=index)
 
         return run_cascade(draw, sigmas=self.sigmas, n0=n0, alpha=alpha, p0=p0, experts=self.order)
+
+
+def cascade_guarantee(alpha: float, num_stages: int, p0: float) -> str:
+    """The guarantee line of a cascade results file's sidecar."""
+    return (f"each non-abstaining certified radius holds for the cascaded smoothed classifier (Multiscale, "
+            f"p0 = {p0:g}, stages from the largest sigma down) with probability >= {1 - alpha:g} "
+            f"(alpha/{num_stages} = {alpha / num_stages:g} per stage, union bound over stages)")
+
+
+def cascade_row_fields(result: CascadeCertificate, expert_label: Callable[[int], str]) -> dict:
+    """The cascade columns of a results row (router/run.py ``CASCADE_COLUMNS``) for ``result``;
+    ``expert_label(k)`` names expert k as ``k:name``."""
+    stop, decided = result.stages[result.stage], result.decided_radius
+    return dict(predict=result.prediction, radius=result.radius, expert=expert_label(stop.expert),
+                sigma=stop.sigma, radius_expert=0.0 if decided is None else decided,
+                p_expert_lower=stop.p_lower, n_expert=stop.count, stage=result.stage,
+                radius_skipped=result.skipped_radius, samples=result.samples, stages=result.stages_text())

@@ -38,7 +38,25 @@ SEQUENTIAL_COLUMNS = COLUMNS + ("n_used", "n_router_used", "n_expert_used", "sto
 """Rows of ``certify --sequential``/``--target-radius``: ``n_used`` is every noisy sample the row drew
 (selection and estimation, router and expert); ``n_router_used``/``n_expert_used`` each stage's
 estimation samples; ``stop`` the stop rule of each stage (``router/expert`` with a router)."""
+SINGLE_COLUMNS = COLUMNS + ("guess", "counts")
+"""Rows of fixed-N ``certify --expert REF``: ``guess`` is the selection stage's class (kept when the
+row abstains) and ``counts`` the estimation counts of every class, comma-joined. These are all the
+row's random draws, so its certificate at any alpha, and a Multiscale cascade over several experts'
+files (``dualrs-route compose-cascade``), can be re-derived from the file."""
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def format_counts(counts) -> str:
+    """The ``counts`` cell: the per-class counts, comma-joined."""
+    return ",".join(str(int(v)) for v in counts)
+
+
+def parse_counts(text: str) -> tuple[int, ...]:
+    """The per-class counts of a ``counts`` cell; ValueError unless it is comma-joined integers >= 0."""
+    values = tuple(int(v) for v in text.split(","))
+    if not values or min(values) < 0:
+        raise ValueError("counts must be integers >= 0")
+    return values
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -70,7 +88,7 @@ def diff_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "n_router", "n_expert", "stage", "samples"})
+INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "n_router", "n_expert", "stage", "samples", "guess"})
 FLOAT_COLUMNS = frozenset({"radius", "time", "sigma", "radius_router", "radius_expert", "p_router_lower",
                            "p_expert_lower", "radius_skipped"})
 REQUIRED_COLUMNS = frozenset({"idx", "label", "predict", "correct", "radius"})  # never '-'
@@ -82,6 +100,8 @@ def _cell(column: str, text: str):
         return None
     if column in INT_COLUMNS:
         return int(text)
+    if column == "counts":
+        return parse_counts(text)
     if column in FLOAT_COLUMNS:
         value = float(text)
         if math.isnan(value):
@@ -111,7 +131,7 @@ class RowChecker:
 
     def __init__(self, path: Path, header: Sequence[str], check: Iterable[str]):
         self.path, self.header = path, list(header)
-        self.check_columns = [c for c in check if c in INT_COLUMNS | FLOAT_COLUMNS]
+        self.check_columns = [c for c in check if c in INT_COLUMNS | FLOAT_COLUMNS | {"counts"}]
         self.seen: set[int] = set()
 
     def check(self, line: bytes | str, number: int) -> tuple[dict, dict]:
@@ -130,8 +150,10 @@ class RowChecker:
             try:
                 values[column] = _cell(column, cells[column])
             except ValueError:
+                kind = ("integer" if column in INT_COLUMNS else "number" if column in FLOAT_COLUMNS else
+                        "list of counts (integers >= 0, comma-joined)")
                 raise DataError(f"{self.path}, line {number}: {column} = {cells[column][:40]!r} is not a valid "
-                                f"{'integer' if column in INT_COLUMNS else 'number'}") from None
+                                f"{kind}") from None
         problem = _row_problem(values)
         if problem is None and values["idx"] in self.seen:
             problem = f"idx {values['idx']} appears twice (two runs wrote to this file?)"

@@ -31,11 +31,12 @@ from dualrs_route.experts.sequential import (
 )
 from dualrs_route.experts.smoothing import SmoothedClassifier
 from dualrs_route.experts.engine import check_batch_memory
-from dualrs_route.experts.stats import ABSTAIN, check_alpha, check_budget, check_count, check_sigma
+from dualrs_route.experts.stats import (ABSTAIN, certify_from_counts, check_alpha, check_budget, check_count,
+                                        check_sigma)
 
-from .cascade import DEFAULT_P0, CascadeCertifier, check_p0
+from .cascade import DEFAULT_P0, CascadeCertifier, cascade_guarantee, cascade_row_fields, check_p0
 from .dual import DualCertifier, build_smoothed, check_expert_set, load_router_set, split_alpha
-from .results import COLUMNS, SEQUENTIAL_COLUMNS, ResultsWriter
+from .results import COLUMNS, SEQUENTIAL_COLUMNS, SINGLE_COLUMNS, ResultsWriter, format_counts
 from .shards import Shard
 
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "expert")
@@ -302,11 +303,14 @@ class Runner:
         elif plan.mode == "cascade":
             result = self.cascade.certify(x, n0=plan.n0, n=plan.n, alpha=plan.alpha, p0=plan.p0, seed=plan.seed,
                                           index=index)
-            stop, decided = result.stages[result.stage], result.decided_radius
-            row.update(predict=result.prediction, radius=result.radius, expert=self.expert_label(stop.expert),
-                       sigma=stop.sigma, radius_expert=0.0 if decided is None else decided,
-                       p_expert_lower=stop.p_lower, n_expert=stop.count, stage=result.stage,
-                       radius_skipped=result.skipped_radius, samples=result.samples, stages=result.stages_text())
+            row.update(cascade_row_fields(result, self.expert_label))
+        elif plan.mode == "single":
+            expert = self.experts[0]
+            guess, counts = expert.draw_counts(x, n0=plan.n0, n=plan.n, seed=plan.seed, index=index)
+            c = certify_from_counts(guess, int(counts[guess]), plan.n, expert.sigma, plan.alpha)
+            row.update(predict=c.prediction, radius=c.radius, expert=self.expert_label(0), sigma=expert.sigma,
+                       radius_expert=c.radius, p_expert_lower=c.p_lower, n_expert=c.count, guess=guess,
+                       counts=format_counts(counts))
         else:
             certs = [e.certify(x, n0=plan.n0, n=plan.n, alpha=plan.alpha, seed=plan.seed, index=index)
                      for e in self.experts]
@@ -425,7 +429,8 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
         if task != "certify":
             columns = PREDICT_COLUMNS
         else:
-            columns = CASCADE_COLUMNS if plan.mode == "cascade" else SEQUENTIAL_COLUMNS if plan.sequential else COLUMNS
+            columns = (CASCADE_COLUMNS if plan.mode == "cascade" else SEQUENTIAL_COLUMNS if plan.sequential else
+                       SINGLE_COLUMNS if plan.mode == "single" else COLUMNS)
         writer = ResultsWriter(out_path, settings=settings, metadata=metadata, columns=columns)
         todo = [i for i in selected if i not in writer.done]
         started = time.perf_counter()
@@ -464,8 +469,5 @@ def _fixed_guarantee(plan: RunPlan, task: str) -> str:
         return (f"each non-abstaining {what} holds with probability >= {1 - total:g} "
                 f"(router beta = {plan.beta:g} + expert alpha = {plan.alpha:g}, union bound)")
     if plan.mode == "cascade":
-        k = len(plan.experts)
-        return (f"each non-abstaining certified radius holds for the cascaded smoothed classifier (Multiscale, "
-                f"p0 = {plan.p0:g}, stages from the largest sigma down) with probability >= {1 - plan.alpha:g} "
-                f"(alpha/{k} = {plan.alpha / k:g} per stage, union bound over stages)")
+        return cascade_guarantee(plan.alpha, len(plan.experts), plan.p0)
     return f"each non-abstaining result holds with probability >= {1 - plan.alpha:g} (Cohen et al. 2019)"

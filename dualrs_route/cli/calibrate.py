@@ -240,3 +240,34 @@ def compose_command(router, scores_path, expert_results, alpha, alpha_router, ou
     write_composed_results(out, scores, result, router=folder, experts=experts, stages=stages, alpha=a, beta=beta,
                            command=_command_line(), overwrite=force)
     click.echo(_summary_line(f"{out}", result, len(stages)))
+
+
+@click.command("compose-cascade")
+@click.option("--expert-results", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Fixed-N `certify --expert` TSV of each cascade expert (same images, seed, N0 and N); repeat "
+                   "it, in the order `certify --expert ... --select cascade` would take the experts.")
+@click.option("--alpha", type=float, default=0.001, show_default=True,
+              help="Total failure probability of the cascade (any level: the stored counts do not depend on it).")
+@click.option("--cascade-p0", "p0", type=float, default=0.5, show_default=True,
+              help="Cascade threshold p0 in [0.5, 1).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results TSV to write (+ .json).")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+def compose_cascade_command(expert_results, alpha, p0, out, force):
+    """Multiscale cascade results from the experts' own certificates, with no new samples.
+
+    Gives the rows `certify --expert A --expert B ... --select cascade --seed S` would write: every
+    stage reads the guess and counts its expert's single-expert run drew from the same noise streams
+    (router/cascade.py). Only `time` differs: here it sums the stored rows' times over the stages
+    that ran.
+    """
+    from dualrs_route.router.cascade_replay import compose_cascade, load_expert_counts, write_cascade_results
+
+    files = [load_expert_counts(path) for path in expert_results]
+    rows = compose_cascade(files, alpha=alpha, p0=p0)
+    write_cascade_results(out, files, rows, alpha=alpha, p0=p0, command=_command_line(), overwrite=force)
+    certified = [r for r in rows if r["correct"] == 1]
+    acr = sum(r["radius"] for r in certified) / max(len(rows), 1)
+    stages = [sum(1 for r in rows if r["stage"] == k) for k in range(len(files))]
+    click.echo(f"{out}: {len(rows)} images, ACR {acr:.4f}, certified accuracy at r=0 "
+               f"{100 * len(certified) / max(len(rows), 1):.1f}%, "
+               f"stopping stage counts {stages}")

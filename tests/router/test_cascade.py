@@ -51,7 +51,7 @@ from dualrs_route.router.cascade import (
     stage_levels,
     upper_confidence_bound,
 )
-from dualrs_route.router.results import COHEN_COLUMNS
+from dualrs_route.router.results import COHEN_COLUMNS, SINGLE_COLUMNS
 from dualrs_route.router.run import CASCADE_COLUMNS
 from rs_oracle import BinaryLinear, linear_model, write_linear_folder
 
@@ -509,3 +509,122 @@ def test_cli_cascade_refusals_and_resume_check(tmp_path, cli_expert):
     assert ok.exit_code == 0, ok.output
     again = invoke(*base, "--expert", folder, "--expert", other, "--select", "cascade", "--cascade-p0", 0.7)
     assert again.exit_code != 0 and "cascade_p0" in again.output, again.output
+
+
+# --- compose-cascade: the cascade replayed from single-expert results ---
+
+
+def certify_alone(tmp_path, name, common):
+    out = tmp_path / f"{name}.tsv"
+    result = invoke("certify", "--expert", f"builtin:{name}", *common, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("p0, alpha", [(0.5, 0.01), (0.7, 0.001)])
+def test_compose_cascade_gives_the_cascade_runs_rows(tmp_path, p0, alpha):
+    # The single-expert files are certified at alpha 0.01; the cascade is composed at its own alpha
+    # (0.001 in the second case): the counts do not depend on alpha, so any level replays exactly.
+    common = ["--N0", 20, "--N", 200, "--max", 30, "--seed", 3, "--quiet"]
+    names = ["digits-sigma0.25", "digits-sigma0.5", "digits-sigma1.0"]
+    files = [certify_alone(tmp_path, name, [*common, "--alpha", 0.01]) for name in names]
+    header = files[0].read_text().splitlines()[0].split("\t")
+    assert tuple(header) == SINGLE_COLUMNS
+    run = tmp_path / "run.tsv"
+    result = invoke("certify", *DIGITS, "--select", "cascade", "--cascade-p0", p0, *common, "--alpha", alpha,
+                    "--out", run)
+    assert result.exit_code == 0, result.output
+    composed = tmp_path / "composed.tsv"
+    args = ["compose-cascade", *[a for f in files for a in ("--expert-results", f)], "--alpha", alpha,
+            "--cascade-p0", p0, "--out", composed]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "30 images" in result.output
+    ran, replayed = rows_of(run), rows_of(composed)
+    assert len(ran) == 30 and [r["idx"] for r in ran] == [r["idx"] for r in replayed]
+    assert {int(r["stage"]) for r in ran} >= {0, 1}, "the check needs rows that move past the first stage"
+    assert any(r["predict"] != "-1" for r in ran) and any(r["predict"] == "-1" for r in ran)
+    for a, b in zip(ran, replayed):
+        assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
+    # time: the sum of the single-expert rows' times over the stages that ran (sigma 1.0 first)
+    alone = {name: {r["idx"]: float(r["time"]) for r in rows_of(f)} for name, f in zip(names, files)}
+    order = ["digits-sigma1.0", "digits-sigma0.5", "digits-sigma0.25"]
+    for b in replayed:
+        expected = sum(alone[order[k]][b["idx"]] for k in range(int(b["stage"]) + 1))
+        assert float(b["time"]) == pytest.approx(expected, abs=1e-5)
+    meta = json.loads(Path(str(composed) + ".json").read_text())
+    assert meta["settings"]["mode"] == "cascade" and meta["settings"]["command"] == "compose-cascade"
+    assert meta["settings"]["cascade_p0"] == p0 and meta["settings"]["alpha_expert"] == alpha
+    assert f"probability >= {1 - alpha:g}" in meta["guarantee"] and meta["complete"] is True
+    # and analyze reads it like a certify --select cascade file
+    assert invoke("analyze", composed, run).exit_code == 0
+    # an existing --out is kept without --force
+    again = invoke(*args)
+    assert again.exit_code != 0 and "--force" in again.output and "Traceback" not in again.output
+    assert invoke(*args, "--force").exit_code == 0
+
+
+def test_a_wrong_counts_replay_is_caught(tmp_path):
+    """The equality above has teeth: replaying with another seed's counts for one expert changes rows."""
+    common = ["--N0", 20, "--N", 200, "--max", 30, "--quiet", "--alpha", 0.01]
+    names = ["digits-sigma0.25", "digits-sigma0.5", "digits-sigma1.0"]
+    files = [certify_alone(tmp_path, name, [*common, "--seed", 3]) for name in names]
+    (tmp_path / "s5").mkdir()
+    files[2] = certify_alone(tmp_path / "s5", names[2], [*common, "--seed", 5])
+    # a doctored copy: seed 5's rows under seed 3's settings, as a naive replay that ignored the
+    # seed would read them
+    doctored = tmp_path / "doctored.tsv"
+    doctored.write_text(files[2].read_text())
+    meta = json.loads(Path(str(files[2]) + ".json").read_text())
+    meta["settings"]["seed"] = 3
+    Path(str(doctored) + ".json").write_text(json.dumps(meta))
+    run = tmp_path / "run.tsv"
+    assert invoke("certify", *DIGITS, "--select", "cascade", *common, "--seed", 3, "--out", run).exit_code == 0
+    out = tmp_path / "composed.tsv"
+    assert invoke("compose-cascade", "--expert-results", files[0], "--expert-results", files[1],
+                  "--expert-results", doctored, "--alpha", 0.01, "--out", out).exit_code == 0
+    differ = [a["idx"] for a, b in zip(rows_of(run), rows_of(out)) if a["stages"] != b["stages"]]
+    assert differ, "other noise must give other stage counts"
+
+
+def test_compose_cascade_refusals(tmp_path):
+    common = ["--N0", 20, "--N", 200, "--max", 8, "--quiet", "--alpha", 0.01]
+    a = certify_alone(tmp_path, "digits-sigma0.25", [*common, "--seed", 1])
+    b = certify_alone(tmp_path, "digits-sigma1.0", [*common, "--seed", 1])
+    (tmp_path / "s2").mkdir()
+    other_seed = certify_alone(tmp_path / "s2", "digits-sigma1.0", [*common, "--seed", 2])
+    (tmp_path / "n").mkdir()
+    other_n = certify_alone(tmp_path / "n", "digits-sigma1.0", ["--N0", 20, "--N", 100, "--max", 8, "--quiet",
+                                                                "--seed", 1])
+    (tmp_path / "m").mkdir()
+    fewer = certify_alone(tmp_path / "m", "digits-sigma1.0", ["--N0", 20, "--N", 200, "--max", 6, "--quiet",
+                                                              "--alpha", 0.01, "--seed", 1])
+    old = tmp_path / "old.tsv"  # a file of an older release: no guess/counts columns
+    lines = [line.split("\t")[:-2] for line in b.read_text().splitlines()]
+    old.write_text("".join("\t".join(cells) + "\n" for cells in lines))
+    Path(str(old) + ".json").write_text(Path(str(b) + ".json").read_text())
+    partial = tmp_path / "partial.tsv"
+    partial.write_text(b.read_text())
+    meta = json.loads(Path(str(b) + ".json").read_text())
+    Path(str(partial) + ".json").write_text(json.dumps(dict(meta, complete=False)))
+    routed = tmp_path / "routed.tsv"
+    assert invoke("certify", "--router", "builtin:digits-router", *common, "--seed", 1, "--out", routed).exit_code == 0
+    bad_counts = tmp_path / "bad.tsv"
+    text = b.read_text().splitlines()
+    cells = text[1].split("\t")
+    cells[-1] = "1,2,3"
+    bad_counts.write_text("\n".join([text[0], "\t".join(cells)] + text[2:]) + "\n")
+    Path(str(bad_counts) + ".json").write_text(Path(str(b) + ".json").read_text())
+    garbage = tmp_path / "garbage.tsv"
+    garbage.write_text(bad_counts.read_text().replace("\t1,2,3\n", "\t1,x,3\n"))
+    Path(str(garbage) + ".json").write_text(Path(str(b) + ".json").read_text())
+    out = tmp_path / "out.tsv"
+    cases = [([a], "at least two"), ([a, garbage], "is not valid"), ([a, other_seed], "seed"), ([a, other_n], "N"), ([a, fewer], "different images"),
+             ([a, old], "guess/counts"), ([a, partial], "not complete"), ([a, routed], "fixed-N"),
+             ([a, bad_counts], "counts sum to")]
+    for paths, mentions in cases:
+        result = invoke("compose-cascade", *[x for p in paths for x in ("--expert-results", p)], "--out", out)
+        assert result.exit_code != 0 and "Traceback" not in result.output, (paths, result.output)
+        assert mentions in result.output, (mentions, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not out.exists()

@@ -62,7 +62,7 @@ def test_certify_writes_cohen_columns_then_routing_columns_and_sidecar(cli_exper
     assert result.exit_code == 0, result.output
     rows = rows_of(out)
     assert rows[0][:6] == ["idx", "label", "predict", "radius", "correct", "time"]
-    assert tuple(rows[0]) == COLUMNS
+    assert tuple(rows[0]) == COLUMNS + ("guess", "counts")
     assert [int(r[0]) for r in rows[1:]] == list(range(24))
     for r in rows[1:]:
         predict, radius, correct = int(r[2]), float(r[3]), int(r[4])
