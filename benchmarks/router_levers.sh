@@ -32,11 +32,7 @@ judge() {  # judge ROUTER SCORES NAME
 C=router/zoo/cifar10-router
 scores "$C" "$WORK/holdout-scores.npz" 2000
 judge "$C" "$WORK/holdout-scores.npz" C-N2000
-[ -f "$WORK/holdout-scores-N1000.npz" ] || python3 -c "
-import json, numpy as np, sys
-d = np.load(sys.argv[1]); meta = json.loads(str(d['meta'])); meta['n'] = 1000
-np.savez(sys.argv[2], idx=d['idx'], label=d['label'], select=d['select'], estimate=d['estimate'][:, :1000],
-         meta=np.asarray(json.dumps(meta)))" "$WORK/holdout-scores.npz" "$WORK/holdout-scores-N1000.npz"
+[ -f "$WORK/holdout-scores-N1000.npz" ] || scores_prefix "$WORK/holdout-scores.npz" "$WORK/holdout-scores-N1000.npz" 1000
 judge "$C" "$WORK/holdout-scores-N1000.npz" C-N1000
 # the same network at sigma_e = 1.5: a copy of the folder with another sigma
 if [ ! -f "$WORK/router-se1.5/config.json" ]; then

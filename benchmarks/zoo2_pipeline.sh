@@ -8,15 +8,17 @@
 #   4. the router at sigma_e = 1.0 with the zoo router's recipe (benchmarks/cifar_zoo.sh router) into
 #      router/zoo/cifar10-router-cr; the design levers are then measured on the held-out images
 #      (router-scores / compose), never on test images;
-#   5. Cohen's 500 test images at N = 10,000: expert-<sigma>.tsv, cascade.tsv and router.tsv in
-#      benchmarks/results/cifar10-cr/ (benchmarks/cifar_certify.sh).
+#   5. levers: router variants (sigma_e 1.0 / 0.75 / 0.5, lambda) judged on the 500 held-out images, which
+#      picks the router (benchmarks/zoo2_levers.sh -> benchmarks/results/zoo2-levers/choice.txt);
+#   6. Cohen's 500 test images at N = 10,000: expert-<sigma>.tsv, then cascade.tsv and router.tsv composed
+#      from them and the chosen router's scores, in benchmarks/results/cifar10-cr/ (benchmarks/cifar_certify.sh).
 # Usage: nohup bash benchmarks/zoo2_pipeline.sh > benchmarks/training/zoo2_pipeline.log 2>&1 &
-# STEPS="train export labels router certify" picks steps (default: all, in that order).
+# STEPS="train export labels router levers certify" picks steps (default: all, in that order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 export DATA
-STEPS=${STEPS:-train export labels router certify}
+STEPS=${STEPS:-train export labels router levers certify}
 export EXPERTS=benchmarks/training/cifar10-resnet20-cr-sigma
 export RUNS=benchmarks/results/zoo2-labels
 export ROUTER=router/zoo/cifar10-router-cr
@@ -32,7 +34,12 @@ for step in $STEPS; do
       done ;;
     labels) bash benchmarks/cifar_zoo.sh labels ;;
     router) bash benchmarks/cifar_zoo.sh router ;;
-    certify) MAX=10000 RESULTS=benchmarks/results/cifar10-cr bash benchmarks/cifar_certify.sh ;;
-    *) echo "unknown step $step (train export labels router certify)" >&2; exit 2 ;;
+    levers) bash benchmarks/zoo2_levers.sh ;;
+    certify)
+      choice=benchmarks/results/zoo2-levers/choice.txt
+      if [ -f "$choice" ]; then ROUTER=$(head -1 "$choice"); fi
+      echo "router: $ROUTER"
+      MAX=10000 RESULTS=benchmarks/results/cifar10-cr bash benchmarks/cifar_certify.sh ;;
+    *) echo "unknown step $step (train export labels router levers certify)" >&2; exit 2 ;;
   esac
 done

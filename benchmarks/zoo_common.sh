@@ -13,3 +13,12 @@ holdout_npz() {
   python3 -c "import numpy as np, sys; a = np.load(sys.argv[1]); np.savez(sys.argv[2], x=a['x'][49500:], y=a['y'][49500:])" \
     "$DATA/cifar10_train.npz" "$1"
 }
+# scores_prefix IN OUT N: router scores IN cut to their first N estimation samples (the scores router-scores
+# writes at router N = N with the same seed: a prefix of the same streams)
+scores_prefix() {
+  python3 -c "
+import json, numpy as np, sys
+d = np.load(sys.argv[1]); n = int(sys.argv[3]); meta = json.loads(str(d['meta'])); meta['n'] = n
+np.savez(sys.argv[2], idx=d['idx'], label=d['label'], select=d['select'], estimate=d['estimate'][:, :n],
+         meta=np.asarray(json.dumps(meta)))" "$1" "$2" "$3"
+}

@@ -264,7 +264,7 @@ def train_expert(*, dataset: str, data: str | None, sigma: float, arch: str | No
             correct += int((logits[:len(part)].argmax(1) == y).sum())
         record = {"epoch": epoch + 1, "loss": round(total_loss / len(subset), 4),
                   "noisy_train_accuracy": round(correct / len(subset), 4),
-                  "seconds": round(time.perf_counter() - started, 1)}
+                  "seconds": round(time.perf_counter() - started, 1), "threads": torch.get_num_threads()}
         history.append(record)
         log(f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, noisy train acc "
             f"{100 * record['noisy_train_accuracy']:.1f}%, {record['seconds']:.0f}s")

@@ -197,8 +197,9 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
     the same architecture, the whole model as ``base`` of a ``confidence_head``); the
     architecture defaults to the init model's.
 
-    ``sigma_e`` defaults to the largest expert sigma (Dual RS asks for sigma_e >= max sigma_k;
-    smaller values are allowed with a warning). With ``holdout`` (a labels file of other
+    ``sigma_e`` defaults to the largest expert sigma (the paper's heuristic). Any sigma_e gives a
+    valid certificate; a smaller one gets a warning that states the cap it puts on every radius
+    (:func:`router.dual.sigma_e_note`). With ``holdout`` (a labels file of other
     images, same experts) the finished router is evaluated with :func:`routing_report` and
     the report is stored in the training record. ``device`` (``cpu``, ``cuda[:N]``) runs the
     network and draws the training noise there; crops and flips stay on the host generator.
@@ -211,7 +212,7 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
     from dualrs_route.experts.engine import resolve_device
     from dualrs_route.experts.training import augment as augment_batch
 
-    from .dual import check_expert_set, load_router_set
+    from .dual import check_expert_set, load_router_set, sigma_e_note
 
     log = log or (lambda message: None)
     out_dir = Path(out)
@@ -239,9 +240,9 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
         match_experts(holdout_set, folders, "the --holdout labels file")
     largest = max(f.config.sigma for f in folders)
     sigma_e = largest if sigma_e is None else check_sigma(sigma_e, "--sigma-e")
-    if sigma_e < largest:
-        warnings.warn(f"--sigma-e {sigma_e} is below the largest expert sigma {largest}: the router stage may cap "
-                      "the certified radius (Dual RS asks for sigma_e >= max sigma_k)", stacklevel=2)
+    note = sigma_e_note(sigma_e, largest)
+    if note:
+        warnings.warn(note, stacklevel=2)
     if threads:
         torch.set_num_threads(threads)
     dataset = _dataset_of(label_set, data)

@@ -241,7 +241,7 @@ def test_train_router_checks_experts_and_labels(tiny_labels):
         train_router(labels=str(labels), experts=[str(experts[1]), str(experts[0])], out=str(tmp / "x"), log=None)
     with pytest.raises(IncompatibleModelsError, match="2 experts"):
         train_router(labels=str(labels), experts=[str(experts[0])], out=str(tmp / "x"), log=None)
-    with pytest.warns(UserWarning, match="sigma-e"):
+    with pytest.warns(UserWarning, match="sigma_e = 0.25 is below the largest expert sigma"):
         train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "y"), arch="linear",
                      epochs=1, sigma_e=0.25, log=None)
 
@@ -437,3 +437,24 @@ def test_train_router_on_gpu_is_deterministic_and_records_the_device(tiny_labels
     assert all(np.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     record = json.loads((a / "config.json").read_text())["training"]
     assert record["device_type"] == "cuda" and record["holdout_report"]["images"] == 20
+
+
+def test_a_small_sigma_e_warns_with_the_cap_it_puts_on_the_radius_not_a_rule(tiny_labels):
+    # sigma_e >= max sigma_k is the paper's heuristic: the warning must state the cap, not a rule
+    experts, labels, _, tmp = tiny_labels
+    with pytest.warns(UserWarning) as caught:
+        path = train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "small"),
+                            arch="linear", sigma_e=0.25, epochs=1, batch=16, log=None)
+    text = " ".join(str(w.message) for w in caught)
+    assert "stays valid" in text and "3.2 * sigma_e = 0.80" in text and "asks for" not in text
+    assert json.loads((path / "config.json").read_text())["sigma"] == 0.25
+    from dualrs_route.router.dual import sigma_e_note
+
+    assert sigma_e_note(0.5, 0.5) is None and sigma_e_note(1.0, 0.5) is None
+    # the exact cap behind "about 3.2": every one of N = 10,000 router samples agreeing, beta = 0.0005
+    from scipy.stats import norm
+
+    from dualrs_route.experts.stats import lower_confidence_bound
+
+    assert norm.ppf(lower_confidence_bound(10_000, 10_000, 0.0005)) == pytest.approx(3.17, abs=0.01)
+    assert norm.ppf(lower_confidence_bound(100_000, 100_000, 0.0005)) == pytest.approx(3.78, abs=0.01)
