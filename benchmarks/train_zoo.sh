@@ -36,9 +36,10 @@ train_one() {  # train_one SIGMA THREADS (exec: in the background, $! is the tra
     --consistency "$LAMBDA" --eta 0.5 --copies 2 --out "$out"
 }
 unfinished() { for s in $SIGMAS; do if [ -f "$(out_of "$s")/config.json" ]; then echo "have $(out_of "$s")" >&2; else echo "$s"; fi; done; }
-# PARALLEL=1: two unfinished experts train at once with THREADS/2 threads each (two 1-thread jobs do 1.31x the
-# steps of one 2-thread job on Zen 4: 480 ms against 315 ms per consistency step, benchmarks/bench_training.py
-# --threads 1 and 2). When one finishes, the other is stopped (losing at most its current epoch) and resumes
+# PARALLEL=1: two unfinished experts train at once with THREADS/2 threads each. On 2-core Zen 4 two 1-thread
+# jobs took 229-238 s per epoch each, against 134 s for one 2-thread job: 1.16x the epochs (the step alone:
+# 480 ms at 1 thread, 315 ms at 2, benchmarks/bench_training.py; the two jobs share memory bandwidth).
+# When one finishes, the other is stopped (losing at most its current epoch) and resumes
 # alone with all THREADS. A resumed run may thus mix thread counts; each epoch's record notes its threads.
 while true; do
   mapfile -t todo < <(unfinished)
