@@ -418,13 +418,11 @@ def write_composed_results(out: str | os.PathLike, scores: RouterScores, result:
     """Write ``result`` (from :func:`simulate`) as a ``certify --router`` results TSV + sidecar.
 
     An existing file is replaced only with ``overwrite`` (it may hold hours of certification)."""
-    from .results import COLUMNS, ResultsWriter
+    from .results import COLUMNS, ResultsWriter, refuse_existing
     from .run import versions
 
     out = Path(out)
-    for path in (out, Path(str(out) + ".json")):
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass --force to replace it")
+    refuse_existing(out, overwrite)
     models = [router.provenance()] + [f.provenance() for f in experts]
     settings = {
         "command": "compose", "mode": "router", "dataset": scores.meta.get("dataset"),

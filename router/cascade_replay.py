@@ -18,7 +18,7 @@ from dualrs_route.experts.errors import DataError
 from dualrs_route.experts.stats import check_alpha
 
 from .cascade import DEFAULT_P0, cascade_from_counts, cascade_guarantee, cascade_row_fields, check_p0
-from .results import ResultsWriter, parse_counts, read_results, sidecar_path
+from .results import ResultsWriter, parse_counts, read_results, refuse_existing
 from .run import CASCADE_COLUMNS, versions
 
 
@@ -123,9 +123,7 @@ def write_cascade_results(out, files: Sequence[ExpertCounts], rows: Sequence[dic
     An existing file is replaced only with ``overwrite``. The sidecar's settings are the cascade run's
     (models and engines of every stage in ``--expert`` order), with ``command`` = ``compose-cascade``."""
     out = Path(out)
-    for path in (out, sidecar_path(out)):
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass --force to replace it")
+    refuse_existing(out, overwrite)
     first = files[0].settings
     settings = {key: first.get(key) for key in ("dataset", "data", "split", "skip", "max", "shard", "N0", "N",
                                                  "seed", "engine", "device_type", "precision") if key in first}

@@ -63,6 +63,14 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".json")
 
 
+def refuse_existing(out: str | os.PathLike, overwrite: bool) -> None:
+    """FileExistsError unless ``overwrite`` when the results file ``out`` or its sidecar exists (a
+    replayed file must not silently replace one that may hold hours of certification)."""
+    for path in (Path(out), sidecar_path(out)):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass --force to replace it")
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     atomic_write_json(path, data, sort_keys=True, default=str)
 
