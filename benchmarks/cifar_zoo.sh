@@ -44,6 +44,15 @@ LABEL_ENGINE=${LABEL_ENGINE:-auto}   # the first LABEL_IMAGES and the held-out l
 ROUTER_EPOCHS=${ROUTER_EPOCHS:-20}
 ROUTER_DEVICE=${ROUTER_DEVICE:-cpu}   # cuda: the committed router was trained there
 ROUTER_EXTRA=${ROUTER_EXTRA:-}   # e.g. "--temperature 0.1": extra train-router options (recorded in config.json)
+# auto: bf16 autocast on a CPU with native bf16 (avx512_bf16 / amx_bf16), else fp32; GPU runs train in fp32
+ROUTER_PRECISION=${ROUTER_PRECISION:-auto}
+if [ "$ROUTER_PRECISION" = auto ]; then
+  if [ "$ROUTER_DEVICE" = cpu ] && python3 -c "import sys; from dualrs_route.experts.training import bf16_supported; sys.exit(not bf16_supported())"; then
+    ROUTER_PRECISION=bf16
+  else
+    ROUTER_PRECISION=fp32
+  fi
+fi
 RUNS=${RUNS:-benchmarks/results/zoo-labels}   # committed (small; radii, labels and indices only, no images) so a later session can resume
 ROUTER=${ROUTER:-router/zoo/cifar10-router}
 CIFAR_EXPERTS=(--expert "${EXPERTS}0.25" --expert "${EXPERTS}0.5" --expert "${EXPERTS}1.0")
@@ -95,7 +104,7 @@ if [ "$stage" = router ] || [ "$stage" = all ]; then
     dualrs-route train-router "${labels[@]}" "${CIFAR_EXPERTS[@]}" --init "${EXPERTS}1.0" \
       --arch confidence_head --arch-args '{"base": "cifar_resnet20", "base_classes": 10, "hidden": 32}' \
       --sigma-e 1.0 --epochs "$ROUTER_EPOCHS" --weight-decay 0.01 --eta 0.5 --seed 0 --threads "$THREADS" \
-      --device "$ROUTER_DEVICE" --data "$DATA" "${holdout[@]}" --batch 64 --lr 0.001 --lambda 20 --temperature 0.1 \
+      --device "$ROUTER_DEVICE" --precision "$ROUTER_PRECISION" --data "$DATA" "${holdout[@]}" --batch 64 --lr 0.001 --lambda 20 --temperature 0.1 \
       $ROUTER_EXTRA --out "$ROUTER"
   fi
 fi

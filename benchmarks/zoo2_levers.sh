@@ -11,7 +11,7 @@
 #   router N  each router at N = HN and at N = 1,000 (the first 1,000 estimation samples of the same streams)
 # Resumable: every finished file is kept (delete one to redo it). Needs the pipeline's labels and router:
 #   STEPS="train export labels router" bash benchmarks/zoo2_pipeline.sh
-# Usage: bash benchmarks/zoo2_levers.sh        (VARIANTS="se1.0 se0.75 se0.5 se1.0-l5 se1.0-l80" HN=2000)
+# Usage: bash benchmarks/zoo2_levers.sh        (VARIANTS="se1.0 se0.5 se0.75 se1.0-l5 se1.0-l80" HN=2000 [PRECISION=fp32|bf16])
 # Writes benchmarks/results/zoo2-levers/: holdout-*.tsv (+ .json), holdout-table.md, holdout-bottleneck.txt;
 # choice.txt: the router with the best held-out ACR at router N = HN (read by zoo2_pipeline.sh's certify step);
 # the variants' folders are router/zoo/cifar10-router-cr[-VARIANT], their scores in the git-ignored runs/zoo2-levers/.
@@ -21,7 +21,13 @@ cd "$(dirname "$0")/.."
 source benchmarks/zoo_common.sh
 HN=${HN:-2000}
 THREADS=${THREADS:-2}
-VARIANTS=${VARIANTS:-"se1.0 se0.75 se0.5 se1.0-l5 se1.0-l80"}
+VARIANTS=${VARIANTS:-"se1.0 se0.5 se0.75 se1.0-l5 se1.0-l80"}
+# bf16 autocast where this CPU has native bf16 (as the pipeline's router step), else fp32
+if python3 -c "import sys; from dualrs_route.experts.training import bf16_supported; sys.exit(not bf16_supported())"; then
+  PRECISION=${PRECISION:-bf16}
+else
+  PRECISION=${PRECISION:-fp32}
+fi
 X=benchmarks/training/cifar10-resnet20-cr-sigma
 CR=(--expert ${X}0.25 --expert ${X}0.5 --expert ${X}1.0)
 LABELS_DIR=benchmarks/results/zoo2-labels
@@ -64,7 +70,7 @@ for v in $VARIANTS; do
     # shellcheck disable=SC2046
     dualrs-route train-router "${LABELS[@]}" "${CR[@]}" $(recipe "$v") --arch confidence_head \
       --arch-args '{"base": "cifar_resnet20", "base_classes": 10, "hidden": 32}' --epochs 20 --weight-decay 0.01 \
-      --eta 0.5 --seed 0 --threads "$THREADS" --data "$DATA" --batch 64 --lr 0.001 --temperature 0.1 \
+      --eta 0.5 --seed 0 --threads "$THREADS" --precision "$PRECISION" --data "$DATA" --batch 64 --lr 0.001 --temperature 0.1 \
       --holdout $LABELS_DIR/labels-holdout-500.npz --quiet --out "$R" > "$OUT/train-$v.log" 2>&1
   fi
   [ -f "$R/model.onnx" ] || dualrs-route export "$R" --to onnx

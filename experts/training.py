@@ -133,6 +133,18 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def check_training_precision(precision: str) -> None:
+    """Refuse a training precision other than fp32/bf16; warn where bf16 would run emulated."""
+    if precision not in ("fp32", "bf16"):
+        raise DataError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision == "bf16" and not bf16_supported():
+        import warnings
+
+        warnings.warn("this CPU has no native bfloat16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo): bf16 runs "
+                      "emulated, about 12x slower than fp32 on an AVX2-only AMD EPYC (benchmarks/RESULTS.md)",
+                      stacklevel=3)
+
+
 def augment(batch, generator):
     """Random 4-pixel-padded crop and horizontal flip, for 32x32 RGB images (torch, per batch)."""
     import torch
@@ -193,19 +205,12 @@ def train_expert(*, dataset: str, data: str | None, sigma: float, arch: str | No
     from .architectures import build_model
 
     log = log or (lambda message: None)
-    if precision not in ("fp32", "bf16"):
-        raise DataError(f"precision must be fp32 or bf16, got {precision!r}")
+    check_training_precision(precision)
     if consistency < 0 or eta < 0 or not math.isfinite(consistency) or not math.isfinite(eta):
         raise DataError(f"consistency and eta must be finite and >= 0, got {consistency} and {eta}")
     if copies < 1 or (consistency > 0 and copies < 2):
         raise DataError(f"consistency training needs copies >= 2, got {copies}")
     copies = copies if consistency > 0 else 1
-    if precision == "bf16" and not bf16_supported():
-        import warnings
-
-        warnings.warn("this CPU has no native bfloat16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo): bf16 runs "
-                      "emulated, about 12x slower than fp32 on an AVX2-only AMD EPYC (benchmarks/RESULTS.md)",
-                      stacklevel=2)
     out_dir = Path(out)
     if (out_dir / "config.json").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a model; pass --force to replace it")

@@ -188,7 +188,7 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
                  temperature: float = 1.0, balance: bool = True, seed: int = 0, data: str | None = None,
                  augment: bool | None = None, threads: int | None = None,
                  holdout: str | None = None, report_n: int = 100, overwrite: bool = False, command: str = "",
-                 device: str = "cpu", log: Callable[[str], None] | None = print) -> Path:
+                 device: str = "cpu", precision: str = "fp32", log: Callable[[str], None] | None = print) -> Path:
     """Train a router on ``labels`` for ``experts`` and write the router folder ``out``.
 
     ``labels`` is one labels file or several of disjoint images (merged by
@@ -204,13 +204,16 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
     the report is stored in the training record. ``device`` (``cpu``, ``cuda[:N]``) runs the
     network and draws the training noise there; crops and flips stay on the host generator.
     A GPU run draws different noise than a CPU run with the same seed (recorded as
-    ``device_type``). Returns the folder path.
+    ``device_type``). ``precision="bf16"`` (CPU only) runs the forward and backward passes under
+    ``torch.autocast("cpu", bfloat16)`` with fp32 master weights and an fp32 loss, as
+    ``train-expert --precision bf16`` does. Returns the folder path.
     """
     import torch
 
     from dualrs_route.experts.architectures import build_model
     from dualrs_route.experts.engine import resolve_device
     from dualrs_route.experts.training import augment as augment_batch
+    from dualrs_route.experts.training import check_training_precision
 
     from .dual import check_expert_set, load_router_set, sigma_e_note
 
@@ -227,6 +230,9 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
     dev = resolve_device(device)
+    check_training_precision(precision)
+    if precision != "fp32" and dev.type != "cpu":
+        raise ValueError(f"--precision {precision} is for CPU training; train on {dev.type} in fp32")
     label_files = [str(labels)] if isinstance(labels, (str, os.PathLike)) else [str(f) for f in labels]
     if not label_files:
         raise ValueError("no labels file given")
@@ -282,6 +288,8 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
         settings["init"] = {"reference": init_folder.reference, "sha256": weights_hash(init_folder)}
     if dev.type != "cpu":  # a different noise stream: resuming across device types would mix two runs
         settings["device_type"] = dev.type
+    if precision != "fp32":  # fp32 runs keep the settings (and checkpoints) of earlier versions
+        settings["precision"] = precision
     torch.manual_seed(seed)
     try:
         model = build_model(arch, num_classes=k_experts, input_shape=cfg0.input_shape, mean=cfg0.mean, std=cfg0.std,
@@ -292,6 +300,8 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
         fresh = init_from_folder(model, init_folder)
         log(f"initialised from {init_folder.reference}; new (random) tensors: {', '.join(fresh) or 'none'}")
     model = model.to(dev)
+    if precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(epochs), gamma=0.5)
     ckpt_path = out_dir / CHECKPOINT
@@ -315,7 +325,12 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
                 x = augment_batch(x, gen)
             x = x.to(dev)
             noisy = x.unsqueeze(0) + sigma_e * torch.randn((COPIES, *x.shape), generator=noise_gen, device=dev)
-            logits = model(noisy.reshape(-1, *x.shape[1:])).reshape(COPIES, len(rows), k_experts)
+            noisy = noisy.reshape(-1, *x.shape[1:])
+            if precision == "bf16":
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(noisy)
+            logits = logits.float().reshape(COPIES, len(rows), k_experts)
             picked = torch.from_numpy(rows).to(dev)
             loss, parts = router_loss(logits, targets[picked], weights_t[picked], lam, eta)
             optimizer.zero_grad(set_to_none=True)
@@ -336,7 +351,7 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
         save_checkpoint(ckpt_path, {"settings": settings, "model": model.state_dict(),
                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                     "epoch": epoch + 1, "history": history})
-    model = model.eval().cpu()
+    model = model.eval().cpu().to(memory_format=torch.contiguous_format)
     record = {
         "command": command,
         "recipe": "Dual RS router (Sun, Mao and Vechev 2026): softmax-of-radii soft labels, 1/q_k class weights, "

@@ -134,12 +134,14 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--device", default="cpu", show_default=True,
               help="Where the router trains: cpu, cuda, cuda:1, ... (GPU noise differs from CPU noise for a seed).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: CPU autocast with fp32 master weights (fast where the CPU has avx512_bf16 or AMX).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Router folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing model folder.")
 @click.option("--quiet", is_flag=True)
 def train_router_command(labels_files, experts, arch, arch_args, init, sigma_e, epochs, batch, lr, weight_decay, lam, eta,
-                         temperature, balance, augment, data, holdout, report_n, seed, threads, device, out, force,
-                         quiet):
+                         temperature, balance, augment, data, holdout, report_n, seed, threads, device, precision, out,
+                         force, quiet):
     """Train a Dual RS router on a labels file and write a router folder.
 
     Soft labels softmax(R), class weights 1/q_k, and the consistency loss
@@ -167,7 +169,7 @@ def train_router_command(labels_files, experts, arch, arch_args, init, sigma_e, 
                         epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, lam=lam, eta=eta,
                         temperature=temperature, balance=balance, seed=seed,
                         data=data, augment=augment, threads=threads, holdout=holdout, report_n=report_n,
-                        overwrite=force, command=_command_line(), device=device,
+                        overwrite=force, command=_command_line(), device=device, precision=precision,
                         log=None if quiet else click.echo)
     click.echo(f"wrote {path}")
 

@@ -235,6 +235,27 @@ def test_train_router_is_deterministic_and_resumes_to_the_same_weights(tiny_labe
     assert not all(np.array_equal(wa[k], _weights(other)[k]) for k in wa)
 
 
+def test_train_router_bf16_is_recorded_deterministic_and_close_to_fp32(tiny_labels):
+    experts, labels, _, tmp = tiny_labels
+    common = dict(labels=str(labels), experts=[str(e) for e in experts], arch="small_cnn",
+                  arch_args={"channels": [4], "hidden": 8}, epochs=2, batch=16, seed=3, log=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # emulated bf16 on CPUs without avx512_bf16: slow, still correct
+        a = train_router(out=str(tmp / "bf-a"), precision="bf16", **common)
+        b = train_router(out=str(tmp / "bf-b"), precision="bf16", **common)
+    full = train_router(out=str(tmp / "fp"), **common)
+    record = json.loads((a / "config.json").read_text())["training"]
+    assert record["precision"] == "bf16"
+    assert "precision" not in json.loads((full / "config.json").read_text())["training"]
+    wa, wb, wf = _weights(a), _weights(b), _weights(full)
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert not all(np.array_equal(wa[k], wf[k]) for k in wa)  # autocast really ran
+    assert all(wa[k].dtype == wf[k].dtype for k in wa)  # fp32 master weights are what is saved
+    assert max(float(np.abs(wa[k] - wf[k]).max()) for k in wa) < 0.05
+    with pytest.raises(DataError, match="precision must be fp32 or bf16"):
+        train_router(out=str(tmp / "fp16"), precision="fp16", **common)
+
+
 def test_train_router_checks_experts_and_labels(tiny_labels):
     experts, labels, _, tmp = tiny_labels
     with pytest.raises(IncompatibleModelsError, match="not the smoothed classifier"):
