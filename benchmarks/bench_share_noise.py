@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="../shared/data")
     parser.add_argument("--router", default="router/zoo/cifar10-router")
-    parser.add_argument("--routed", default="benchmarks/results/cifar10/router.tsv",
+    parser.add_argument("--routed", default="benchmarks/results/cifar10/gaussian-zoo/router.tsv",
                         help="a results file of this router: images routed to its sigma 1.0 expert are taken")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Calibrate the CIFAR-10 zoo router (per-expert logit offsets chosen on 500 held-out training
-# images) and evaluate it on the test images of benchmarks/results/cifar10 (idx 0, 20, ..., 9980).
+# images) and evaluate it on the test images of benchmarks/results/cifar10/gaussian-zoo (idx 0, 20, ..., 9980).
 #
 # 1. router scores on the held-out images (N0 = 100, N = 2,000: the budget of router_sweep.sh),
 # 2. calibrate-router against the experts' held-out certificates (benchmarks/results/router-sweep),
 # 3. router scores on the 500 test images (N0 = 100, N = 10,000),
 # 4. compose: the dual certificates of the calibrated router (and, as a cross-check, of the
-#    uncalibrated one) with the experts' test certificates from benchmarks/results/cifar10,
+#    uncalibrated one) with the experts' test certificates from benchmarks/results/cifar10/gaussian-zoo,
 # 5. analyze.
 # The offsets are fixed in step 2, before any test image is scored. Resumable (router-scores resumes;
 # finished steps are skipped). Stops after step 2 when the best offsets are 0, unless CROSSCHECK=1
@@ -18,7 +18,7 @@ source benchmarks/zoo_common.sh
 WORK=${WORK:-runs/calibrate}
 ROUTER=${ROUTER:-router/zoo/cifar10-router}
 OUT=${OUT:-$WORK/cifar10-router-calibrated}
-RESULTS=benchmarks/results/cifar10
+RESULTS=benchmarks/results/cifar10/gaussian-zoo
 SWEEP=benchmarks/results/router-sweep
 THREADS=${THREADS:-2}
 mkdir -p "$WORK" benchmarks/results/calibrate

@@ -18,7 +18,7 @@ ENGINE=${ENGINE:-onnxruntime}
 DEVICE=${DEVICE:-cpu}
 BATCH=${BATCH:-400}
 ROUTER=${ROUTER:-router/zoo/cifar10-router}
-RESULTS=${RESULTS:-benchmarks/results/cifar10}
+RESULTS=${RESULTS:-benchmarks/results/cifar10/gaussian-zoo}
 EXPERTS=${EXPERTS:-experts/zoo/cifar10-resnet20-sigma}
 if [ ! -f "$DATA/cifar10_test.npz" ]; then
   echo "skip: $DATA/cifar10_test.npz not found (set DATA=folder with cifar10_test.npz)" >&2

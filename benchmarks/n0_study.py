@@ -16,7 +16,7 @@ same stream to 100 (exact binomial arithmetic, same merged-classes bound).
 
 Command (from the repository root; a few seconds):
 
-    python benchmarks/n0_study.py benchmarks/results/cifar10/*.tsv
+    python benchmarks/n0_study.py benchmarks/results/cifar10/gaussian-zoo/*.tsv
 """
 
 from __future__ import annotations

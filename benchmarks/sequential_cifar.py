@@ -41,7 +41,7 @@ def _accuracy(table, keep=None) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results")
-    parser.add_argument("--fixed-dir", default="benchmarks/results/cifar10")
+    parser.add_argument("--fixed-dir", default="benchmarks/results/cifar10/gaussian-zoo")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     out = Path(args.results)

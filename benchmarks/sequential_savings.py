@@ -17,8 +17,8 @@ Use this for the N = 100,000 reference from N = 10,000 runs (it says so in its o
 
 Commands (from the repository root):
 
-    python benchmarks/sequential_savings.py simulate benchmarks/results/cifar10/expert-*.tsv \
-        benchmarks/results/cifar10/router.tsv --cap 100000 --target-radius 0.5 --seed 0
+    python benchmarks/sequential_savings.py simulate benchmarks/results/cifar10/gaussian-zoo/expert-*.tsv \
+        benchmarks/results/cifar10/gaussian-zoo/router.tsv --cap 100000 --target-radius 0.5 --seed 0
     python benchmarks/sequential_savings.py run --out /tmp/seq-digits --N 10000 --max -1 --threads 2
     python benchmarks/sequential_savings.py run --out /tmp/seq-cifar --dataset cifar10 --data ../shared/data \
         --skip 20 --N 10000 --threads 2 --router router/zoo/cifar10-router   # the zoo, if present

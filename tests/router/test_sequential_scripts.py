@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results" / "cifar10"
+RESULTS = ROOT / "benchmarks" / "results" / "cifar10" / "gaussian-zoo"
 
 
 def load(name: str):
