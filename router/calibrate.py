@@ -187,27 +187,16 @@ class ExpertStage:
 
 
 def load_expert_stage(path: str | os.PathLike, scores: RouterScores) -> ExpertStage:
-    """Read a ``certify --expert`` TSV that covers every scored image, from the same seed."""
-    from .results import read_results
+    """Read a ``certify --expert`` TSV that covers every scored image, from the same seed
+    (:func:`router.results.read_single_expert_results`: complete, fixed N, the expert's own sigma)."""
+    from .results import read_single_expert_results
 
-    table = read_results(path)
+    table = read_single_expert_results(path, "the expert stage is replayed")
     meta, columns = table.metadata, table.columns
-    settings = meta.get("settings", {})
-    if not meta:
-        raise DataError(f"{path} has no .json sidecar: expert results must come from `dualrs-route certify`")
-    missing = sorted({"n_expert", "sigma"} - set(columns))
-    if missing:
-        raise DataError(f"{path}: not a dualrs-route certify TSV (columns {missing} missing)")
-    if settings.get("mode") != "single" or meta.get("certificate") is False:
-        raise DataError(f"{path}: expert results must come from `certify --expert REF` (mode single), "
-                        f"not mode {settings.get('mode')!r}")
-    if settings.get("sigma_override") is not None:
-        raise DataError(f"{path} was certified with --sigma {settings['sigma_override']}, not the expert's own sigma")
+    settings = meta["settings"]
     if int(settings.get("seed", -1)) != int(scores.meta["seed"]):
         raise DataError(f"{path} used --seed {settings.get('seed')} but the router scores used seed "
                         f"{scores.meta['seed']}: dual CERTIFY draws both stages from one seed")
-    if not meta.get("complete", False):
-        raise DataError(f"{path} is not complete (its run was interrupted); finish it by re-running its command")
     row_of = {int(i): r for r, i in enumerate(table.idx)}
     missing_idx = [int(i) for i in scores.idx if int(i) not in row_of]
     if missing_idx:
@@ -216,11 +205,8 @@ def load_expert_stage(path: str | os.PathLike, scores: RouterScores) -> ExpertSt
     rows = np.array([row_of[int(i)] for i in scores.idx], dtype=np.int64)
     if not np.array_equal(table.label[rows], scores.label):
         raise DataError(f"{path}: labels differ from the router scores' labels: not the same images")
-    sigmas = {columns["sigma"][r] for r in rows}
-    if len(sigmas) != 1:
-        raise DataError(f"{path}: more than one sigma in the file ({sorted(sigmas)})")
     name = table.expert[rows[0]].partition(":")[2] if table.expert else Path(path).stem
-    return ExpertStage(path=str(path), name=name, sigma=float(sigmas.pop()), n=int(settings["N"]),
+    return ExpertStage(path=str(path), name=name, sigma=float(columns["sigma"][0]), n=int(settings["N"]),
                        alpha=float(settings["alpha_expert"]), guess=table.predict[rows],
                        count=np.array([int(columns["n_expert"][r]) for r in rows], dtype=np.int64), metadata=meta)
 

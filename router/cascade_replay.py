@@ -18,7 +18,7 @@ from dualrs_route.experts.errors import DataError
 from dualrs_route.experts.stats import check_alpha
 
 from .cascade import DEFAULT_P0, cascade_from_counts, cascade_guarantee, cascade_row_fields, check_p0
-from .results import ResultsWriter, parse_counts, read_results, refuse_existing
+from .results import ResultsWriter, parse_counts, read_single_expert_results, refuse_existing
 from .run import CASCADE_COLUMNS, versions
 
 
@@ -40,24 +40,13 @@ def load_expert_counts(path) -> ExpertCounts:
     """Read a complete fixed-N ``certify --expert`` TSV with its ``guess`` and ``counts`` columns.
 
     Raises :class:`DataError` (one line) for anything a cascade replay cannot use."""
-    table = read_results(path)
+    table = read_single_expert_results(path, "a cascade is replayed")
     meta, columns = table.metadata, table.columns
-    settings = meta.get("settings", {})
-    if not meta:
-        raise DataError(f"{path} has no .json sidecar: expert results must come from `dualrs-route certify`")
-    if settings.get("mode") != "single" or settings.get("sequential") or settings.get("command") != "certify":
-        raise DataError(f"{path}: a cascade is replayed from fixed-N `certify --expert REF` results, not from "
-                        f"mode {settings.get('mode')!r}{' (sequential)' if settings.get('sequential') else ''}")
-    if settings.get("sigma_override") is not None:
-        raise DataError(f"{path} was certified with --sigma {settings['sigma_override']}, not the expert's own sigma")
+    settings = meta["settings"]
     if "counts" not in columns or "guess" not in columns:
         raise DataError(f"{path} has no guess/counts columns (written by an older dualrs-route); certify the expert "
                         "again to a new --out")
-    if not meta.get("complete", False):
-        raise DataError(f"{path} is not complete (its run was interrupted); finish it by re-running its command")
     sigmas = set(columns["sigma"])
-    if len(sigmas) != 1:
-        raise DataError(f"{path}: more than one sigma in the file ({sorted(sigmas)})")
     n = int(settings["N"])
     rows = {}
     for r, i in enumerate(table.idx):

@@ -366,6 +366,35 @@ class ResultTable:
         return self.metadata.get("settings", {}).get("mode", "single")
 
 
+def read_single_expert_results(path: str | os.PathLike, use: str) -> ResultTable:
+    """Read a complete fixed-N ``certify --expert REF`` results file at the expert's own sigma.
+
+    The replays (``compose``, ``compose-cascade``) re-derive certificates from such a file's
+    counts; a sequential file's counts come from a data-dependent N, a router or cascade file
+    has other rows. ``use`` names the replay in the one-line :class:`DataError` for anything else
+    (e.g. "a cascade is replayed")."""
+    table = read_results(path)
+    meta, columns = table.metadata, table.columns
+    settings = meta.get("settings", {})
+    if not meta:
+        raise DataError(f"{path} has no .json sidecar: expert results must come from `dualrs-route certify`")
+    missing = sorted({"n_expert", "sigma"} - set(columns))
+    if missing:
+        raise DataError(f"{path}: not a dualrs-route certify TSV (columns {missing} missing)")
+    if (settings.get("mode") != "single" or settings.get("sequential") or settings.get("command") != "certify"
+            or meta.get("certificate") is False):
+        raise DataError(f"{path}: {use} from fixed-N `certify --expert REF` results, not from "
+                        f"mode {settings.get('mode')!r}{' (sequential)' if settings.get('sequential') else ''}")
+    if settings.get("sigma_override") is not None:
+        raise DataError(f"{path} was certified with --sigma {settings['sigma_override']}, not the expert's own sigma")
+    if not meta.get("complete", False):
+        raise DataError(f"{path} is not complete (its run was interrupted); finish it by re-running its command")
+    sigmas = set(columns["sigma"])
+    if len(sigmas) != 1:
+        raise DataError(f"{path}: more than one sigma in the file ({sorted(sigmas)})")
+    return table
+
+
 def read_results(path: str | os.PathLike) -> ResultTable:
     """Read a results TSV: ours or Cohen et al.'s (``idx label predict radius correct time``)."""
     path = Path(path)

@@ -249,6 +249,15 @@ def test_compose_refuses_mismatched_inputs(routed_set):
     # alpha larger than the experts were certified at (expert share 0.005 > 0.002)
     r = invoke(*args, *sum((["--expert-results", p] for p in tsvs), []), "--alpha", 0.01, "--out", tmp_path / "o.tsv")
     assert r.exit_code != 0 and "larger alpha" in r.output
+    # a sequential expert file: its counts come from a data-dependent N, not the rows of certify --router
+    seq = tmp_path / "seq.tsv"
+    r = invoke("certify", "--expert", experts[0], "--dataset", f"npz:{data}", "--N0", 10, "--N", 50, "--alpha", 0.002,
+               "--seed", 3, "--engine", "torch", "--sequential", "--first-look", 10, "--quiet", "--out", seq)
+    assert r.exit_code == 0, r.output
+    r = invoke(*args, "--expert-results", seq, "--expert-results", tsvs[1], "--expert-results", tsvs[2],
+               "--out", tmp_path / "o.tsv")
+    assert r.exit_code != 0 and "fixed-N" in r.output and "(sequential)" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
     # scores of another network
     other = write_linear_folder(tmp_path / "other", weight=np.ones((3, 16)), bias=np.zeros(3), sigma=1.0,
                                 kind="router", experts=[f"../e{k}" for k in range(3)], input_shape=SHAPE)
