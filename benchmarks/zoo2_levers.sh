@@ -9,6 +9,7 @@
 #   se0.5     C's recipe at sigma_e 0.5 (--init the sigma 0.5 expert)
 #   se1.0-l5 / se1.0-l80   the consistency weight lambda 5 and 80 instead of 20
 #   router N  each router at N = HN and at N = 1,000 (the first 1,000 estimation samples of the same streams)
+#   offsets   calibrate-router's logit offsets per router, with its split-half check (calibrate-VARIANT.txt)
 # Resumable: every finished file is kept (delete one to redo it). Needs the pipeline's labels and router:
 #   STEPS="train export labels router" bash benchmarks/zoo2_pipeline.sh
 # Usage: bash benchmarks/zoo2_levers.sh        (VARIANTS="se1.0 se0.5 se0.75 se1.0-l5 se1.0-l80" HN=2000 [PRECISION=fp32|bf16])
@@ -82,6 +83,9 @@ for v in $VARIANTS; do
   [ -f "$WORK/scores-$v-N1000.npz" ] || scores_prefix "$S" "$WORK/scores-$v-N1000.npz" 1000
   dualrs-route compose --router "$R" --scores "$WORK/scores-$v-N1000.npz" "${hold[@]}" --alpha 0.001 --force \
     --out "$OUT/holdout-$v-N1000.tsv"
+  # logit offsets (calibrate-router): reported with their split-half check, not used for the choice
+  [ -f "$OUT/calibrate-$v.txt" ] || dualrs-route calibrate-router --router "$R" --scores "$S" "${hold[@]}" \
+    --alpha 0.001 --grid=-2:2:0.5 --quiet --force --out "$WORK/calibrated-$v" > "$OUT/calibrate-$v.txt"
 done
 dualrs-route analyze "$OUT"/holdout-expert-{0.25,0.5,1.0}.tsv "$OUT"/holdout-cascade-p*.tsv "$OUT"/holdout-se*.tsv \
   --radii 0,0.25,0.5,0.75,1.0,1.25,1.5 | tee "$OUT/holdout-table.md"

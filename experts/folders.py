@@ -179,6 +179,12 @@ def parse_hub_reference(reference: str) -> tuple[str, str | None]:
     return repo_id, (revision or None)
 
 
+HUB_FILES = (CONFIG_FILE, SAFETENSORS_FILE, ONNX_FILE, ONNX_FILE + ".data", "README.md")
+# The model files at the top of a repository and in its subfolders: a router repository may hold its
+# experts as folders inside it (listed by relative path; check_listed_reference keeps them inside).
+HUB_PATTERNS = [pattern for name in HUB_FILES for pattern in (name, f"*/{name}")]
+
+
 def _download_from_hub(reference: str, cache_dir: str | None) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
@@ -188,7 +194,7 @@ def _download_from_hub(reference: str, cache_dir: str | None) -> tuple[Path, str
     try:
         path = snapshot_download(
             repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_files_only=offline,
-            allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE, ONNX_FILE, ONNX_FILE + ".data", "README.md"],
+            allow_patterns=HUB_PATTERNS,
         )
     except hf_errors.LocalEntryNotFoundError:
         how = ("HF_HUB_OFFLINE is set, so only the local cache is searched"

@@ -134,3 +134,24 @@ def test_local_references(tmp_path):
         resolve_reference("builtin:no-such-model")
     with pytest.raises(ModelFormatError, match="expected a router"):
         load_folder(str(folder), expected_kind="router")
+
+
+def test_download_patterns_fetch_experts_in_subfolders(monkeypatch, tmp_path):
+    """A router repository listing experts as folders inside it: snapshot_download must fetch their files too."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    seen = {}
+
+    def fake_snapshot_download(**kwargs):
+        seen.update(kwargs)
+        return str(tmp_path / "snapshots" / COMMIT)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    resolve_reference("hf://org/router")
+    repo_files = ["config.json", "model.safetensors", "experts/e0/config.json", "experts/e0/model.safetensors",
+                  "experts/e1/model.onnx", "train.log", "experts/e0/checkpoint.pt", "data/images.npz"]
+    kept = list(filter_repo_objects(repo_files, allow_patterns=seen["allow_patterns"]))
+    assert kept == ["config.json", "model.safetensors", "experts/e0/config.json", "experts/e0/model.safetensors",
+                    "experts/e1/model.onnx"]
