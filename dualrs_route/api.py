@@ -173,7 +173,8 @@ def run_dataset(*, out: str | Path, experts: Sequence[str] = (), router: str | N
                 target_radius: float | None = None, radius_tol: float | None = None, first_look: int | None = None,
                 radius_grid: float | None = None, max_radius: float | None = None, look_ratio: float | None = None,
                 final_share: float | None = None, projection_level: float | None = None,
-                share_noise: bool = False, command: str = "dualrs_route.run_dataset",
+                share_noise: bool = False, router_sets: float | None = None,
+                command: str = "dualrs_route.run_dataset",
                 progress: Callable | None = None) -> tuple[ResultTable, dict]:
     """Certify every ``skip``-th example of a dataset below ``max_index`` (Cohen's protocol) into ``out``.
 
@@ -182,7 +183,8 @@ def run_dataset(*, out: str | Path, experts: Sequence[str] = (), router: str | N
     ``router``, one expert, or several experts with ``select`` (``cascade``: the Multiscale
     cascade, threshold ``cascade_p0``, default 0.5; ``best-radius``: the oracle, not a
     certificate). ``sequential`` (implied by ``target_radius``) makes ``n``/``router_n`` caps of
-    sequential (with a router: min-aware) CERTIFY, as ``certify --sequential``. Returns the results
+    sequential (with a router: min-aware) CERTIFY, as ``certify --sequential``; ``router_sets`` as
+    ``certify --router-sets`` (set-valued router certificates, router/sets.py). Returns the results
     table and its summary (certified accuracy at the usual radii, ACR, abstain rate).
     """
     plan = plan_run(experts=experts, router=router, select=select, n0=n0, n=n, alpha=alpha,
@@ -190,7 +192,7 @@ def run_dataset(*, out: str | Path, experts: Sequence[str] = (), router: str | N
                     precision=precision, device=device, batch=batch, cascade_p0=cascade_p0, sequential=sequential,
                     target_radius=target_radius, radius_tol=radius_tol, first_look=first_look,
                     radius_grid=radius_grid, max_radius=max_radius, look_ratio=look_ratio, final_share=final_share,
-                    projection_level=projection_level, share_noise=share_noise)
+                    projection_level=projection_level, share_noise=share_noise, router_sets=router_sets)
     ds = load_dataset(dataset, split=split, data=data)
     execute(plan, ds, skip=skip, max_index=max_index, out_path=Path(out), data=data, command=command,
             progress=progress)

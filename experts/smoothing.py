@@ -79,14 +79,23 @@ class SmoothedClassifier:
         the Multiscale cascade's stage for this expert (router/cascade.py), are functions of them."""
         n = check_count(n, "N")
         guess = self.select(x, n0=n0, seed=seed, index=index)
-        estimate = self.counter.counts(x, self.sigma, n, key=NoiseKey(seed, index, self.estimate_stage))
-        return guess, np.asarray(estimate, dtype=np.int64)
+        return guess, self.estimation_counts(x, n=n, seed=seed, index=index)
 
     def select(self, x: np.ndarray, *, n0: int = DEFAULT_N0, seed: int = 0, index: int = 0) -> int:
         """CERTIFY's step 1: the most frequent class of ``n0`` selection samples (ties: lowest index)."""
+        return int(np.argmax(self.selection_counts(x, n0=n0, seed=seed, index=index)))
+
+    def selection_counts(self, x: np.ndarray, *, n0: int = DEFAULT_N0, seed: int = 0, index: int = 0) -> np.ndarray:
+        """int64 [num_classes]: the class counts of CERTIFY's ``n0`` selection samples (:meth:`select`'s draws)."""
         n0 = check_count(n0, "N0")
         selection = self.counter.counts(x, self.sigma, n0, key=NoiseKey(seed, index, self.select_stage))
-        return int(np.argmax(selection))
+        return np.asarray(selection, dtype=np.int64)
+
+    def estimation_counts(self, x: np.ndarray, *, n: int = DEFAULT_N, seed: int = 0, index: int = 0) -> np.ndarray:
+        """int64 [num_classes]: the class counts of CERTIFY's ``n`` estimation samples."""
+        n = check_count(n, "N")
+        estimate = self.counter.counts(x, self.sigma, n, key=NoiseKey(seed, index, self.estimate_stage))
+        return np.asarray(estimate, dtype=np.int64)
 
     def estimate_sequential(self, x: np.ndarray, guess: int, *, schedule: Schedule, policy: StopPolicy = StopPolicy(),
                             seed: int = 0, index: int = 0) -> SequentialCertificate:

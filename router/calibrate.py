@@ -400,12 +400,15 @@ def write_calibrated_router(folder, experts, out: str | os.PathLike, offsets, re
 
 
 def write_composed_results(out: str | os.PathLike, scores: RouterScores, result: dict, *, router, experts, stages,
-                           alpha: float, beta: float, command: str, overwrite: bool = False) -> Path:
-    """Write ``result`` (from :func:`simulate`) as a ``certify --router`` results TSV + sidecar.
+                           alpha: float, beta: float, command: str, overwrite: bool = False,
+                           set_tau: float | None = None) -> Path:
+    """Write ``result`` (from :func:`simulate`, or :func:`router.sets.simulate_sets` with ``set_tau``) as a
+    ``certify --router [--router-sets TAU]`` results TSV + sidecar.
 
     An existing file is replaced only with ``overwrite`` (it may hold hours of certification)."""
-    from .results import COLUMNS, ResultsWriter, refuse_existing
+    from .results import COLUMNS, SET_COLUMNS, ResultsWriter, refuse_existing
     from .run import versions
+    from .sets import format_members, set_guarantee
 
     out = Path(out)
     refuse_existing(out, overwrite)
@@ -416,6 +419,7 @@ def write_composed_results(out: str | os.PathLike, scores: RouterScores, result:
         "max": scores.meta.get("max"), "N0": stages[0].metadata.get("settings", {}).get("N0"), "N": stages[0].n, "alpha_expert": alpha, "alpha_router": beta,
         "router_N0": int(scores.select.shape[1]), "router_N": int(scores.estimate.shape[1]),
         "seed": int(scores.meta["seed"]), "logit_offsets": list(router.config.logit_offsets or ()),
+        **({"router_sets": float(set_tau)} if set_tau is not None else {}),
         "models": [{"reference": m["reference"], "sha256": m["sha256"], "revision": m["revision"]} for m in models]}
     metadata = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": command, "versions": versions(),
                 "models": models, "certificate": True,
@@ -423,10 +427,12 @@ def write_composed_results(out: str | os.PathLike, scores: RouterScores, result:
                 + [{"stage": f"expert {k}", **(s.metadata.get("engines") or [{}])[0], "results": s.path}
                    for k, s in enumerate(stages)],
                 "guarantee": (f"each non-abstaining certified radius holds with probability >= {1 - alpha - beta:g} "
-                              f"(router beta = {beta:g} + expert alpha = {alpha:g}, union bound)"),
+                              f"(router beta = {beta:g} + expert alpha = {alpha:g}, union bound)"
+                              + (set_guarantee(set_tau) if set_tau is not None else "")),
                 "notes": ["composed by `dualrs-route compose` from stored router scores and the experts' own "
                           "certificates with the same seed: the rows dual CERTIFY gives with these noise streams"]}
-    writer = ResultsWriter(out, settings=settings, metadata=metadata, columns=COLUMNS, replace=True)
+    writer = ResultsWriter(out, settings=settings, metadata=metadata, columns=COLUMNS if set_tau is None else SET_COLUMNS,
+                           replace=True)
     names = [f.name for f in experts]
     for i in range(len(scores.idx)):
         k = int(result["expert"][i])
@@ -439,6 +445,7 @@ def write_composed_results(out: str | os.PathLike, scores: RouterScores, result:
             "n_router": int(result["n_router"][i]),
             "radius_expert": float(result["radius_expert"][i]) if routed else None,
             "p_expert_lower": float(result["p_expert_lower"][i]) if routed else None,
-            "n_expert": int(result["n_expert"][i]) if routed else None})
+            "n_expert": int(result["n_expert"][i]) if routed else None,
+            **({"members": format_members(result["members"][i])} if set_tau is not None else {})})
     writer.close(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=True)
     return out

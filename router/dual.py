@@ -47,7 +47,9 @@ from dualrs_route.export.engines import make_counter
 from dualrs_route.experts.noise import DEFAULT_SHARE_BYTES, Stage, sharing
 from dualrs_route.experts.smoothing import SmoothedClassifier
 from dualrs_route.experts.sequential import Schedule, SequentialCertificate, StopPolicy
-from dualrs_route.experts.stats import ABSTAIN, Certificate, check_alpha
+from dualrs_route.experts.stats import ABSTAIN, Certificate, certify_from_counts, check_alpha
+
+from .sets import certify_set, check_tau, set_members
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class RoutedCertificate:
     expert: int
     router_certificate: Certificate | None
     expert_certificate: Certificate | None
+    members: tuple[int, ...] | None = None  # with router sets: the set S (router/sets.py); else None
 
     @property
     def abstained(self) -> bool:
@@ -125,9 +128,12 @@ class DualCertifier:
     """Routes each input with a smoothed router, then certifies it with the chosen smoothed expert."""
 
     def __init__(self, router: SmoothedClassifier, experts: Sequence[SmoothedClassifier], *,
-                 share_noise: bool = False, share_bytes: int = DEFAULT_SHARE_BYTES):
+                 share_noise: bool = False, share_bytes: int = DEFAULT_SHARE_BYTES, set_tau: float | None = None):
         if router.num_classes != len(experts):
             raise IncompatibleModelsError(f"the router has {router.num_classes} outputs but {len(experts)} experts were given")
+        if set_tau is not None and share_noise:
+            raise ValueError("--router-sets and --share-noise cannot be combined")
+        self.set_tau = None if set_tau is None else check_tau(set_tau)
         self.router = router
         self.experts = list(experts)
         self.share_noise = bool(share_noise)
@@ -159,6 +165,9 @@ class DualCertifier:
         return result
 
     def _certify(self, x, *, n0, n, alpha, router_n0, router_n, beta, seed, index) -> RoutedCertificate:
+        if self.set_tau is not None:
+            return self._certify_sets(x, n0=n0, n=n, alpha=alpha, router_n0=router_n0, router_n=router_n, beta=beta,
+                                      seed=seed, index=index)
         routed = self.router.certify(x, n0=router_n0, n=router_n, alpha=beta, seed=seed, index=index)
         if routed.abstained:
             return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None)
@@ -167,6 +176,35 @@ class DualCertifier:
         if result.abstained:
             return RoutedCertificate(ABSTAIN, 0.0, expert, routed, result)
         return RoutedCertificate(result.prediction, min(routed.radius, result.radius), expert, routed, result)
+
+    def _certify_sets(self, x, *, n0, n, alpha, router_n0, router_n, beta, seed, index) -> RoutedCertificate:
+        """Dual CERTIFY with set-valued router certificates (router/sets.py): the same draws as
+        :meth:`_certify` (router selection and estimation streams, each expert's own streams); a row
+        whose selection picks one expert is exactly dual CERTIFY's."""
+        check_alpha(beta, "beta")
+        selection = self.router.selection_counts(x, n0=router_n0, seed=seed, index=index)
+        estimate = self.router.estimation_counts(x, n=router_n, seed=seed, index=index)
+        members = set_members(selection, self.set_tau)
+        top = int(np.argmax(selection))
+        if members.sum() == 1:
+            routed = certify_from_counts(top, int(estimate[top]), int(router_n), self.router.sigma, beta)
+            if routed.abstained:
+                return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None, (top,))
+            result = self.experts[top].certify(x, n0=n0, n=n, alpha=alpha, seed=seed, index=index)
+            if result.abstained:
+                return RoutedCertificate(ABSTAIN, 0.0, top, routed, result, (top,))
+            return RoutedCertificate(result.prediction, min(routed.radius, result.radius), top, routed, result, (top,))
+        count_in = int(estimate[members].sum())
+        outcome = certify_set(members, count_in, int(router_n), beta=beta, alpha=alpha, sigma_e=self.router.sigma,
+                              expert=lambda k, level: self.experts[k].certify(x, n0=n0, n=n, alpha=level, seed=seed,
+                                                                              index=index))
+        routed = Certificate(top if outcome.radius_router >= 0 else ABSTAIN, max(outcome.radius_router, 0.0),
+                             outcome.p_router_lower, count_in, int(router_n))
+        if outcome.radius_router < 0:
+            return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None, outcome.members)
+        b = outcome.binding
+        return RoutedCertificate(outcome.prediction, outcome.radius, outcome.members[b], routed,
+                                 outcome.expert_certificates[b], outcome.members)
 
     def certify_sequential(self, x: np.ndarray, *, n0: int, schedule: Schedule, router_n0: int,
                            router_schedule: Schedule, policy: StopPolicy = StopPolicy(), seed: int = 0,

@@ -36,7 +36,8 @@ from dualrs_route.experts.stats import (ABSTAIN, certify_from_counts, check_alph
 
 from .cascade import DEFAULT_P0, CascadeCertifier, cascade_guarantee, cascade_row_fields, check_p0
 from .dual import DualCertifier, build_smoothed, check_expert_set, load_router_set, split_alpha
-from .results import COLUMNS, SEQUENTIAL_COLUMNS, SINGLE_COLUMNS, ResultsWriter, format_counts
+from .results import COLUMNS, SEQUENTIAL_COLUMNS, SET_COLUMNS, SINGLE_COLUMNS, ResultsWriter, format_counts
+from .sets import check_tau, format_members, set_guarantee
 from .shards import Shard
 
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "expert")
@@ -133,6 +134,7 @@ class RunPlan:
     p0: float | None = None  # cascade threshold (mode "cascade" only)
     sequential: SequentialOptions | None = None  # budget policy: None = fixed N (Cohen's CERTIFY)
     share_noise: bool = False  # router mode: experts with sigma = sigma_e read the router's noisy inputs
+    set_tau: float | None = None  # router mode: set-valued router certificates (router/sets.py)
 
     def settings(self, dataset: Dataset, data: str | None, indices_desc: dict, command: str,
                  engines: Sequence[dict]) -> dict:
@@ -148,6 +150,8 @@ class RunPlan:
             extra["sequential"] = self.sequential.settings()
         if self.share_noise:  # likewise
             extra["share_noise"] = True
+        if self.set_tau is not None:  # likewise
+            extra["router_sets"] = self.set_tau
         return {
             **extra,
             "command": command, "mode": self.mode, "dataset": dataset.name, "data": data, "split": dataset.split,
@@ -169,7 +173,7 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
              radius_tol: float | None = None, first_look: int | None = None,
              radius_grid: float | None = None, max_radius: float | None = None, look_ratio: float | None = None,
              final_share: float | None = None, projection_level: float | None = None,
-             share_noise: bool = False) -> RunPlan:
+             share_noise: bool = False, router_sets: float | None = None) -> RunPlan:
     """Validate options and load every model folder (no network weights yet, no output).
 
     Budgets are capped up front: N, N0 and the router's at :data:`~dualrs_route.experts.stats.MAX_SAMPLES`
@@ -178,7 +182,8 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
 
     ``select`` is None, "router", "best-radius" (an oracle) or "cascade" (Multiscale, with
     threshold ``cascade_p0``, default 0.5). ``share_noise`` (router only): experts whose sigma equals
-    the router's sigma_e read the router stage's noisy inputs (router/dual.py). ``sequential`` (implied by ``target_radius``) makes ``n``
+    the router's sigma_e read the router stage's noisy inputs (router/dual.py). ``router_sets`` (router,
+    fixed N only): set-valued router certificates with selection-share threshold TAU (router/sets.py). ``sequential`` (implied by ``target_radius``) makes ``n``
     and ``router_n`` caps of sequential CERTIFY (single expert) or min-aware dual CERTIFY (router).
     """
     seq = sequential_options(sequential, target_radius, radius_tol, first_look, radius_grid, max_radius, look_ratio,
@@ -199,6 +204,13 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
     if share_noise and not router:
         raise IncompatibleModelsError("--share-noise applies only with --router (the expert stage reads the router "
                                       "stage's noisy inputs)")
+    if router_sets is not None:
+        if not router:
+            raise IncompatibleModelsError("--router-sets applies only with --router")
+        if seq is not None or share_noise:
+            raise IncompatibleModelsError("--router-sets certifies fixed-N rows without --share-noise; drop "
+                                          "--sequential/--target-radius/--share-noise")
+        router_sets = check_tau(router_sets)
     if cascade_p0 is not None and select != "cascade":
         raise IncompatibleModelsError("--cascade-p0 applies only with --select cascade")
     if router:
@@ -216,7 +228,7 @@ def plan_run(*, experts: Sequence[str] = (), router: str | None = None, select: 
             notes.append(f"--share-noise changes nothing here: no expert has the router's sigma_e = "
                          f"{router_folder.config.sigma}")
         return RunPlan("router", expert_folders, router_folder, n0, n, a, b, rn0, rn, seed, engine, precision, device,
-                       batch, None, notes, sequential=seq, share_noise=bool(share_noise))
+                       batch, None, notes, sequential=seq, share_noise=bool(share_noise), set_tau=router_sets)
     if not experts:
         raise IncompatibleModelsError("nothing to certify: pass --router REF or --expert REF")
     if alpha_router is not None or router_n0 is not None or router_n is not None:
@@ -277,7 +289,7 @@ class Runner:
         self.dual = None
         if plan.router is not None:
             self.dual = DualCertifier(build_smoothed(plan.router, router=True, **options), self.experts,
-                                      share_noise=plan.share_noise)
+                                      share_noise=plan.share_noise, set_tau=plan.set_tau)
         self.cascade = CascadeCertifier(self.experts) if plan.mode == "cascade" else None
         counters = ([self.dual.router.counter] if self.dual else []) + [e.counter for e in self.experts]
         self.engines = [c.describe() for c in counters]
@@ -300,6 +312,8 @@ class Runner:
                        sigma=self.experts[result.expert].sigma if ec else None,
                        radius_expert=ec.radius if ec else None, p_expert_lower=ec.p_lower if ec else None,
                        n_expert=ec.count if ec else None)
+            if plan.set_tau is not None:
+                row["members"] = format_members(result.members)
         elif plan.mode == "cascade":
             result = self.cascade.certify(x, n0=plan.n0, n=plan.n, alpha=plan.alpha, p0=plan.p0, seed=plan.seed,
                                           index=index)
@@ -430,7 +444,7 @@ def execute(plan: RunPlan, dataset: Dataset, *, skip: int, max_index: int, out_p
             columns = PREDICT_COLUMNS
         else:
             columns = (CASCADE_COLUMNS if plan.mode == "cascade" else SEQUENTIAL_COLUMNS if plan.sequential else
-                       SINGLE_COLUMNS if plan.mode == "single" else COLUMNS)
+                       SINGLE_COLUMNS if plan.mode == "single" else SET_COLUMNS if plan.set_tau is not None else COLUMNS)
         writer = ResultsWriter(out_path, settings=settings, metadata=metadata, columns=columns)
         todo = [i for i in selected if i not in writer.done]
         started = time.perf_counter()
@@ -467,7 +481,8 @@ def _fixed_guarantee(plan: RunPlan, task: str) -> str:
         total = plan.alpha + plan.beta
         what = "certified radius" if task == "certify" else "prediction"
         return (f"each non-abstaining {what} holds with probability >= {1 - total:g} "
-                f"(router beta = {plan.beta:g} + expert alpha = {plan.alpha:g}, union bound)")
+                f"(router beta = {plan.beta:g} + expert alpha = {plan.alpha:g}, union bound)"
+                + (set_guarantee(plan.set_tau) if plan.set_tau is not None and task == "certify" else ""))
     if plan.mode == "cascade":
         return cascade_guarantee(plan.alpha, len(plan.experts), plan.p0)
     return f"each non-abstaining result holds with probability >= {1 - plan.alpha:g} (Cohen et al. 2019)"

@@ -117,3 +117,66 @@ def certify_set(members: np.ndarray, count_in: int, n: int, *, beta: float, alph
         return SetOutcome(ABSTAIN, 0.0, chosen, p_router, r_router, tuple(certificates))
     radius = min(r_router, min(c.radius for c in certificates))
     return SetOutcome(classes.pop(), float(radius), chosen, p_router, r_router, tuple(certificates))
+
+
+def set_guarantee(tau: float) -> str:
+    """The guarantee text's addition for set rows (sidecars of certify and compose)."""
+    return (f"; router sets (tau = {tau:g}): a row certified with a set S of experts (its members column) holds by "
+            "R_S from P(router outside S) < 1/(|S|+1) at beta and each member at alpha/|S|, the same union bound")
+
+
+def format_members(members) -> str:
+    """The ``members`` column: expert indices joined by '+' (e.g. ``1+2``)."""
+    return "+".join(str(int(k)) for k in members)
+
+
+def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: float) -> dict:
+    """:func:`router.calibrate.simulate` with set certificates: the rows ``certify --router --router-sets
+    TAU`` gives with these noise streams (router scores, and each expert's own certificate counts).
+
+    Images whose selection picks one expert keep dual CERTIFY's row; the others get
+    :func:`certify_set`, each member re-derived at alpha / |S| from its counts. Adds ``members`` (a
+    tuple of expert indices per image) to simulate's arrays; on set rows ``expert``, ``sigma`` and the
+    ``*_expert`` fields are the binding member's (the smallest radius), the ``*_router`` fields R_S,
+    the lower bound of P(in S) and the count inside S."""
+    from .calibrate import bound_tables, routed_counts, simulate
+
+    tau = check_tau(tau)
+    out = simulate(scores, experts, offsets, alpha=alpha, beta=beta)
+    offsets = np.asarray(offsets, dtype=np.float32)
+    select = routed_counts(scores.select, offsets)
+    estimate = routed_counts(scores.estimate, offsets)
+    n = scores.estimate.shape[1]
+    out["members"] = [(int(np.argmax(s)),) for s in select]
+    for i in range(len(select)):
+        members = set_members(select[i], tau)
+        if members.sum() == 1:
+            continue
+        chosen = tuple(int(k) for k in np.flatnonzero(members))
+
+        def member(k: int, level: float, i=i) -> Certificate:
+            e = experts[k]
+            p_e, r_e = bound_tables(e.n, level, e.sigma)
+            count = int(e.count[i])
+            ok = e.guess[i] != ABSTAIN and r_e[count] >= 0
+            return Certificate(int(e.guess[i]) if ok else ABSTAIN, float(r_e[count]) if ok else 0.0,
+                               float(p_e[count]), count, int(e.n))
+
+        result = certify_set(members, int(estimate[i][members].sum()), n, beta=beta, alpha=alpha,
+                             sigma_e=scores.sigma, expert=member)
+        out["members"][i] = chosen
+        out["n_router"][i] = int(estimate[i][members].sum())
+        out["p_router_lower"][i] = result.p_router_lower
+        if result.radius_router < 0:
+            out["expert"][i], out["radius_router"][i], out["predict"][i] = ABSTAIN, 0.0, ABSTAIN
+            out["radius_expert"][i], out["p_expert_lower"][i], out["n_expert"][i] = np.nan, np.nan, -1
+            out["sigma"][i], out["radius"][i] = np.nan, 0.0
+            continue
+        b = result.binding
+        cert = result.expert_certificates[b]
+        out["expert"][i], out["radius_router"][i], out["predict"][i] = chosen[b], result.radius_router, result.prediction
+        out["radius_expert"][i] = cert.radius
+        out["p_expert_lower"][i], out["n_expert"][i] = cert.p_lower, cert.count
+        out["sigma"][i], out["radius"][i] = experts[chosen[b]].sigma, result.radius
+    out["correct"] = (out["predict"] == scores.label).astype(np.int64)
+    return out

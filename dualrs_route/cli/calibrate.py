@@ -218,9 +218,12 @@ def calibrate_router_command(router, scores_path, expert_results, alpha, alpha_r
 @click.command("compose")
 @_replay_options("Router folder (its logit_offsets are applied).",
                  "`router-scores` of this router's network on the evaluation images.")
+@click.option("--router-sets", "set_tau", type=float, default=None, metavar="TAU",
+              help="Set-valued router certificates (as certify --router-sets): the top expert plus every expert "
+                   "with at least TAU of the router's selection samples.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results TSV to write (+ .json).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-def compose_command(router, scores_path, expert_results, alpha, alpha_router, out, force):
+def compose_command(router, scores_path, expert_results, alpha, alpha_router, set_tau, out, force):
     """Dual CERTIFY results from stored router scores and the experts' own certificates.
 
     Gives the rows `certify --router REF --seed S` would write with these noise streams: the
@@ -236,9 +239,18 @@ def compose_command(router, scores_path, expert_results, alpha, alpha_router, ou
     folder, experts, scores, stages = _load_stages(router, scores_path, expert_results)
     a, beta = split_alpha(alpha, alpha_router)
     offsets = np.asarray(folder.config.logit_offsets or [0.0] * len(stages), dtype=np.float32)
-    result = simulate(scores, stages, offsets, alpha=a, beta=beta)
+    if set_tau is None:
+        result = simulate(scores, stages, offsets, alpha=a, beta=beta)
+    else:
+        from dualrs_route.router.sets import check_tau, simulate_sets
+
+        try:
+            set_tau = check_tau(set_tau)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--router-sets") from None
+        result = simulate_sets(scores, stages, offsets, alpha=a, beta=beta, tau=set_tau)
     write_composed_results(out, scores, result, router=folder, experts=experts, stages=stages, alpha=a, beta=beta,
-                           command=_command_line(), overwrite=force)
+                           command=_command_line(), overwrite=force, set_tau=set_tau)
     click.echo(_summary_line(f"{out}", result, len(stages)))
 
 

@@ -79,7 +79,7 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
          router_n0, router_n, batch, seed, device, engine, precision, threads, compile_, sigma, out, fmt, quiet,
          shard, ray_address, workers, gpus_per_worker, cascade_p0=None, sequential=False, target_radius=None,
          radius_tol=None, first_look=None, radius_grid=None, max_radius=None, look_ratio=None, final_share=None,
-         projection_level=None, share_noise=False):
+         projection_level=None, share_noise=False, router_sets=None):
     from dualrs_route.experts.data import load_dataset
 
     from dualrs_route.router.results import read_results, summarize, format_markdown
@@ -105,7 +105,7 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
                     precision=precision, device=device, batch=batch, sigma=sigma, cascade_p0=cascade_p0,
                     sequential=sequential, target_radius=target_radius, radius_tol=radius_tol, first_look=first_look,
                     radius_grid=radius_grid, max_radius=max_radius, look_ratio=look_ratio, final_share=final_share,
-                    projection_level=projection_level, share_noise=share_noise)
+                    projection_level=projection_level, share_noise=share_noise, router_sets=router_sets)
     plan.threads = threads
     plan.compile = compile_
     if task == "predict" and plan.mode == "best-radius":
@@ -184,6 +184,11 @@ def _run(task: str, *, experts, router, select, dataset, data, split, skip, max_
               help="With --router: an expert whose sigma equals the router's sigma_e reads the router stage's noisy "
                    "inputs (selection and estimation streams) instead of drawing its own; same guarantee (union "
                    "bound), fewer noise draws, other rows than without it.")
+@click.option("--router-sets", type=float, default=None, metavar="TAU",
+              help="With --router: set-valued router certificates for the same routed classifier (router/sets.py). "
+                   "Where another expert has at least TAU of the router's selection samples, the row is certified "
+                   "with the set S of them: min(R_S, each member's radius), members at alpha/|S|, all agreeing on "
+                   "the class; other rows are dual CERTIFY's. Costs |S| expert certifications on such rows.")
 @click.option("--look-ratio", type=float, default=None,
               help="Sequential: each look has this many times the previous look's samples (default 1.2; 2 doubles).")
 @click.option("--final-share", type=float, default=None,

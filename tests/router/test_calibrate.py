@@ -296,3 +296,48 @@ def test_router_scores_resume_refuses_other_settings(routed_set):
     r = invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", 10, "--router-N", 20,
                "--quiet", "--out", out)
     assert r.exit_code != 0 and "other settings" in r.output and not out.exists()
+
+
+def test_router_sets_compose_equals_certify_and_sets_are_used(routed_set):
+    """certify --router --router-sets TAU and compose --router-sets TAU write the same rows; TAU > 1 is plain dual."""
+    tmp_path, experts, router, data = routed_set
+    n0, n = 20, 300
+    expert_tsvs = _certify_experts(tmp_path, experts, data, n0=n0, n=n, alpha=0.002)
+    scores = tmp_path / "scores.npz"
+    assert invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", n0, "--router-N", n,
+                  "--seed", 3, "--engine", "torch", "--quiet", "--out", scores).exit_code == 0
+    results = sum((["--expert-results", p] for p in expert_tsvs), [])
+    common = ["--dataset", f"npz:{data}", "--N0", n0, "--N", n, "--alpha", 0.002, "--seed", 3, "--engine", "torch",
+              "--quiet"]
+    rows = {}
+    for tau in (0.2, 2.0):
+        composed, real = tmp_path / f"composed-sets-{tau}.tsv", tmp_path / f"real-sets-{tau}.tsv"
+        r = invoke("compose", "--router", router, "--scores", scores, *results, "--alpha", 0.002, "--router-sets", tau,
+                   "--out", composed)
+        assert r.exit_code == 0, r.output
+        r = invoke("certify", "--router", router, *common, "--router-sets", tau, "--out", real)
+        assert r.exit_code == 0, r.output
+        assert _rows(composed) == _rows(real)
+        rows[tau] = _rows(real)
+        meta = json.loads(Path(str(real) + ".json").read_text())
+        assert meta["settings"]["router_sets"] == tau and "router sets" in meta["guarantee"]
+    header = rows[0.2][0]
+    members = [row[header.index("members")] for row in rows[0.2][1:]]
+    assert any("+" in m for m in members)  # sets were used ...
+    assert not any("+" in row[header.index("members")] for row in rows[2.0][1:])  # ... and never above 1
+    plain = tmp_path / "plain.tsv"
+    assert invoke("certify", "--router", router, *common, "--out", plain).exit_code == 0
+    drop = header.index("members")
+    assert [row[:drop] + row[drop + 1:] for row in rows[2.0]] == _rows(plain)  # tau > 1: dual CERTIFY's rows
+    cut = [[row[:drop] + row[drop + 1:] for row in rows[tau][1:]] for tau in (0.2, 2.0)]
+    changed = [a != b for a, b in zip(*cut)]
+    assert any(changed) and all(not c or "+" in m for c, m in zip(changed, members))  # only set rows differ
+    # refusals: one line, nothing written
+    for extra, says in ((["--router-sets", 0], "router-sets"), (["--router-sets", 0.2, "--share-noise"], "share-noise"),
+                        (["--router-sets", 0.2, "--sequential"], "sequential")):
+        out = tmp_path / "refused.tsv"
+        r = invoke("certify", "--router", router, *common, *extra, "--out", out)
+        assert r.exit_code != 0 and says in r.output and "Traceback" not in r.output, r.output
+        assert not out.exists()
+    r = invoke("certify", "--expert", experts[0], *common, "--router-sets", 0.2, "--out", tmp_path / "refused.tsv")
+    assert r.exit_code != 0 and "only with --router" in r.output
