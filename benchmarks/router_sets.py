@@ -1,9 +1,9 @@
 """Set-valued router certificates (router/sets.py) beside dual CERTIFY's rows, replayed on held-out images.
 
 Dual RS certifies h(x') = f_{g(x')}(x') with min(R_sigma, R_c); where the router hesitates between
-experts, R_sigma is small. router/sets.py certifies the same h with a set S of experts (the router's
-top one plus every expert with a selection share >= TAU): min(R_S, min_{k in S} R_k), each member at
-alpha / |S|. This script replays both from stored router scores and expert results (the inputs of
+experts, R_sigma is small. router/sets.py certifies the same h with a set S of experts too (the router's
+top one plus every expert with a selection share >= TAU): the larger of the top expert's dual radius
+and min(R_S, min_{k in S} R_k), router bounds at beta / 2 each, members at alpha / |S|. This script replays both from stored router scores and expert results (the inputs of
 `dualrs-route compose`), for several TAU, to choose TAU on held-out images (never test images).
 
 Usage:

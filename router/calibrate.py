@@ -446,6 +446,7 @@ def write_composed_results(out: str | os.PathLike, scores: RouterScores, result:
             "radius_expert": float(result["radius_expert"][i]) if routed else None,
             "p_expert_lower": float(result["p_expert_lower"][i]) if routed else None,
             "n_expert": int(result["n_expert"][i]) if routed else None,
-            **({"members": format_members(result["members"][i])} if set_tau is not None else {})})
+            **({"members": format_members(result["members"][i]), "proof": result["proof"][i]}
+               if set_tau is not None else {})})
     writer.close(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=True)
     return out

@@ -65,7 +65,8 @@ class RoutedCertificate:
     expert: int
     router_certificate: Certificate | None
     expert_certificate: Certificate | None
-    members: tuple[int, ...] | None = None  # with router sets: the set S (router/sets.py); else None
+    members: tuple[int, ...] | None = None  # with router sets: the set S, top expert first (router/sets.py)
+    proof: str | None = None  # with router sets: "dual" (one expert selected), "single" or "set"
 
     @property
     def abstained(self) -> bool:
@@ -189,22 +190,24 @@ class DualCertifier:
         if members.sum() == 1:
             routed = certify_from_counts(top, int(estimate[top]), int(router_n), self.router.sigma, beta)
             if routed.abstained:
-                return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None, (top,))
+                return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None, (top,), "dual")
             result = self.experts[top].certify(x, n0=n0, n=n, alpha=alpha, seed=seed, index=index)
             if result.abstained:
-                return RoutedCertificate(ABSTAIN, 0.0, top, routed, result, (top,))
-            return RoutedCertificate(result.prediction, min(routed.radius, result.radius), top, routed, result, (top,))
+                return RoutedCertificate(ABSTAIN, 0.0, top, routed, result, (top,), "dual")
+            return RoutedCertificate(result.prediction, min(routed.radius, result.radius), top, routed, result, (top,),
+                                     "dual")
         count_in = int(estimate[members].sum())
-        outcome = certify_set(members, count_in, int(router_n), beta=beta, alpha=alpha, sigma_e=self.router.sigma,
+        outcome = certify_set(members, top, int(estimate[top]), count_in, int(router_n), beta=beta, alpha=alpha,
+                              sigma_e=self.router.sigma,
                               expert=lambda k, level: self.experts[k].certify(x, n0=n0, n=n, alpha=level, seed=seed,
                                                                               index=index))
         routed = Certificate(top if outcome.radius_router >= 0 else ABSTAIN, max(outcome.radius_router, 0.0),
-                             outcome.p_router_lower, count_in, int(router_n))
+                             outcome.p_router_lower, outcome.count_router, int(router_n))
         if outcome.radius_router < 0:
-            return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None, outcome.members)
+            return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None, outcome.members, outcome.proof)
         b = outcome.binding
         return RoutedCertificate(outcome.prediction, outcome.radius, outcome.members[b], routed,
-                                 outcome.expert_certificates[b], outcome.members)
+                                 outcome.expert_certificates[b], outcome.members, outcome.proof)
 
     def certify_sequential(self, x: np.ndarray, *, n0: int, schedule: Schedule, router_n0: int,
                            router_schedule: Schedule, policy: StopPolicy = StopPolicy(), seed: int = 0,

@@ -38,11 +38,12 @@ SEQUENTIAL_COLUMNS = COLUMNS + ("n_used", "n_router_used", "n_expert_used", "sto
 """Rows of ``certify --sequential``/``--target-radius``: ``n_used`` is every noisy sample the row drew
 (selection and estimation, router and expert); ``n_router_used``/``n_expert_used`` each stage's
 estimation samples; ``stop`` the stop rule of each stage (``router/expert`` with a router)."""
-SET_COLUMNS = COLUMNS + ("members",)
+SET_COLUMNS = COLUMNS + ("members", "proof")
 """Rows of ``certify --router --router-sets TAU`` (router/sets.py): ``members`` is the set S of experts
-the row was certified with (indices joined by '+'; one index where the router chose one expert). On a
-set row ``expert``/``sigma``/``*_expert`` are the binding member's, ``*_router`` are R_S, the lower bound
-of P(router in S) and the count inside S."""
+the router's selection gave (indices joined by '+', the top one first; one index on a plain row);
+``proof`` is ``dual`` on a plain row (dual CERTIFY's), else the proof that gave the radius: ``single``
+(the top expert alone) or ``set``. ``expert``/``sigma``/``*_expert`` are the reported member's (the top
+one, or for ``set`` the member with the smallest radius), ``*_router`` that proof's radius, bound and count."""
 SINGLE_COLUMNS = COLUMNS + ("guess", "counts")
 """Rows of fixed-N ``certify --expert REF``: ``guess`` is the selection stage's class (kept when the
 row abstains) and ``counts`` the estimation counts of every class, comma-joined. These are all the

@@ -313,7 +313,7 @@ class Runner:
                        radius_expert=ec.radius if ec else None, p_expert_lower=ec.p_lower if ec else None,
                        n_expert=ec.count if ec else None)
             if plan.set_tau is not None:
-                row["members"] = format_members(result.members)
+                row.update(members=format_members(result.members), proof=result.proof)
         elif plan.mode == "cascade":
             result = self.cascade.certify(x, n0=plan.n0, n=plan.n, alpha=plan.alpha, p0=plan.p0, seed=plan.seed,
                                           index=index)

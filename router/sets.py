@@ -20,12 +20,15 @@ the *same* h with a set of experts instead:
   expert whose share of those N0 samples is at least ``tau``. The choice reads the selection samples
   only, so the estimation samples that bound p_out are independent of it (as the class is chosen in
   CERTIFY). ``tau`` > 1 never adds an expert: the rows are then exactly dual CERTIFY's.
-* **Failure probability.** One router bound at level beta (U = 1 - the Clopper-Pearson lower bound of
-  P(in S) from the estimation counts), and each of the |S| experts certified at alpha / |S| on its own
-  noise streams: by the union bound, the certificate is wrong with probability <= beta + alpha. Given
-  the router's selection samples (which fix S), each expert's certificate is a CERTIFY on fresh samples;
-  as in :mod:`router.dual`, no independence between the stages is needed.
-* **Cost.** An image with |S| > 1 runs |S| expert certifications instead of one.
+* **Two proofs per set row** (:func:`certify_set`). The row keeps dual CERTIFY's own proof too (the top
+  expert alone: min(R_top, R_c)), and reports the larger of the two radii. Bounds: the router's for the
+  top expert and for S at beta / 2 each, and each of the |S| members certified at alpha / |S| on its own
+  noise streams. By the union bound all of them hold with probability >= 1 - beta - alpha, and then both
+  proofs hold, so the larger radius does. Given the router's selection samples (which fix S and the top
+  expert), each bound is a Clopper-Pearson bound on fresh samples; as in :mod:`router.dual`, no
+  independence between the stages is needed. A row whose selection gives one expert is dual CERTIFY's
+  row, at beta and alpha.
+* **Cost.** A set row runs |S| expert certifications instead of one.
 
 Tests: ``tests/router/test_sets.py`` checks the claim's statistics against exact smoothed probabilities
 of a linear router along one direction, and shows that the naive threshold P(in S) > 1/2 fails there.
@@ -76,53 +79,76 @@ def set_radius(count_in: int, n: int, size: int, num_experts: int, beta: float, 
 
 @dataclass(frozen=True)
 class SetOutcome:
-    """The set certificate of one input: class and radius (ABSTAIN, 0.0 when it abstains), the members,
-    the router's bound and radius, and the member experts' certificates (in member order; None past
-    the first one that abstained)."""
+    """The certificate of one set row: class and radius (ABSTAIN, 0.0 when it abstains), the members,
+    which proof gave the radius (``proof``: "set", or "single" for the top expert alone), that proof's
+    router bound and radius (-1 where neither router bound certified), and the member experts'
+    certificates (in member order; None past the point where neither proof could still certify)."""
 
     prediction: int
     radius: float
     members: tuple[int, ...]
+    proof: str
     p_router_lower: float
     radius_router: float
+    count_router: int
     expert_certificates: tuple[Certificate | None, ...]
 
     @property
     def binding(self) -> int:
-        """The position in ``members`` of the expert with the smallest radius (the first abstaining one)."""
+        """The position in ``members`` of the expert whose certificate the row reports: the top expert for
+        the "single" proof, else the member with the smallest radius (the first abstaining one)."""
+        if self.proof == "single":
+            return 0
         radii = [c.radius if c is not None and not c.abstained else -1.0 for c in self.expert_certificates]
         return int(np.argmin(radii))
 
 
-def certify_set(members: np.ndarray, count_in: int, n: int, *, beta: float, alpha: float, sigma_e: float,
-                expert: Callable[[int, float], Certificate]) -> SetOutcome:
-    """The set certificate from the router's members and estimation count inside them.
+def certify_set(members: np.ndarray, top: int, count_top: int, count_in: int, n: int, *, beta: float, alpha: float,
+                sigma_e: float, expert: Callable[[int, float], Certificate]) -> SetOutcome:
+    """The certificate of a row whose router selection gave a set S (``members``, with ``top`` in it).
 
-    ``expert(k, level)`` certifies expert k at ``level`` (here alpha / |S|). Abstains when S is not
-    certified, when any member abstains, or when the members certify different classes."""
+    Two proofs, each valid when all of its bounds hold, with every bound at its share of one union
+    bound: the router's bound for ``top`` alone (``count_top`` of ``n``) and for S (``count_in``) at
+    beta / 2 each, and each member certified at alpha / |S| by ``expert(k, level)``. The "single" proof is
+    dual CERTIFY's min(R_top, R_c(top)); the "set" proof is min(R_S, every member's radius), all members
+    agreeing. Both hold at once with probability >= 1 - beta - alpha, so the larger radius does too
+    (ties: "single"). Abstains when neither proof certifies."""
     chosen = tuple(int(k) for k in np.flatnonzero(members))
-    p_router, r_router = set_radius(count_in, n, len(chosen), len(members), beta, sigma_e)
-    if r_router < 0:
-        return SetOutcome(ABSTAIN, 0.0, chosen, p_router, -1.0, ())
+    if top not in chosen or len(chosen) < 2:
+        raise ValueError(f"a set row needs >= 2 members including the top expert {top}, got {chosen}")
+    order = (top,) + tuple(k for k in chosen if k != top)
+    half = check_alpha(beta, "beta") / 2.0
+    p_one, r_one = set_radius(count_top, n, 1, len(members), half, sigma_e)
+    p_set, r_set = set_radius(count_in, n, len(chosen), len(members), half, sigma_e)
+    if r_one < 0 and r_set < 0:
+        return SetOutcome(ABSTAIN, 0.0, order, "set", p_set, -1.0, int(count_in), ())
     level = check_alpha(alpha) / len(chosen)
     certificates: list[Certificate | None] = []
-    for k in chosen:
+    for k in order:
         certificate = expert(k, level)
         certificates.append(certificate)
-        if certificate.abstained:
+        if certificate.abstained or r_set < 0:  # neither proof gains from more members
             break
-    certificates += [None] * (len(chosen) - len(certificates))
-    classes = {c.prediction for c in certificates if c is not None}
-    if any(c is None or c.abstained for c in certificates) or len(classes) != 1:
-        return SetOutcome(ABSTAIN, 0.0, chosen, p_router, r_router, tuple(certificates))
-    radius = min(r_router, min(c.radius for c in certificates))
-    return SetOutcome(classes.pop(), float(radius), chosen, p_router, r_router, tuple(certificates))
+    certificates += [None] * (len(order) - len(certificates))
+    first = certificates[0]
+    single = min(r_one, first.radius) if r_one >= 0 and not first.abstained else -1.0
+    agree = all(c is not None and not c.abstained and c.prediction == first.prediction for c in certificates)
+    joint = min(r_set, min(c.radius for c in certificates)) if r_set >= 0 and agree else -1.0
+    if single < 0 and joint < 0:
+        proof = "single" if r_one >= 0 else "set"
+        p, r, count = (p_one, r_one, count_top) if proof == "single" else (p_set, r_set, count_in)
+        return SetOutcome(ABSTAIN, 0.0, order, proof, p, r, int(count), tuple(certificates))
+    if single >= joint:
+        return SetOutcome(first.prediction, float(single), order, "single", p_one, r_one, int(count_top),
+                          tuple(certificates))
+    return SetOutcome(first.prediction, float(joint), order, "set", p_set, r_set, int(count_in), tuple(certificates))
 
 
 def set_guarantee(tau: float) -> str:
     """The guarantee text's addition for set rows (sidecars of certify and compose)."""
-    return (f"; router sets (tau = {tau:g}): a row certified with a set S of experts (its members column) holds by "
-            "R_S from P(router outside S) < 1/(|S|+1) at beta and each member at alpha/|S|, the same union bound")
+    return (f"; router sets (tau = {tau:g}): on a row with a set S of experts (members column) the router's bounds "
+            "for the top expert and for S are at beta/2 each and each member at alpha/|S|; the row reports the larger "
+            "of the top expert's dual radius and min(R_S, every member's radius): the same union bound")
 
 
 def format_members(members) -> str:
@@ -131,14 +157,14 @@ def format_members(members) -> str:
 
 
 def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: float) -> dict:
-    """:func:`router.calibrate.simulate` with set certificates: the rows ``certify --router --router-sets
-    TAU`` gives with these noise streams (router scores, and each expert's own certificate counts).
+    """:func:`router.calibrate.simulate` with set rows: the rows ``certify --router --router-sets TAU`` gives
+    with these noise streams (router scores, and each expert's own certificate counts).
 
-    Images whose selection picks one expert keep dual CERTIFY's row; the others get
+    Images whose selection gives one expert keep dual CERTIFY's row; the others get
     :func:`certify_set`, each member re-derived at alpha / |S| from its counts. Adds ``members`` (a
-    tuple of expert indices per image) to simulate's arrays; on set rows ``expert``, ``sigma`` and the
-    ``*_expert`` fields are the binding member's (the smallest radius), the ``*_router`` fields R_S,
-    the lower bound of P(in S) and the count inside S."""
+    tuple of expert indices per image, the top one first) and ``proof`` ("dual", "single" or "set") to
+    simulate's arrays; on set rows ``expert``, ``sigma`` and the ``*_expert`` fields are the reported
+    member's (:attr:`SetOutcome.binding`), the ``*_router`` fields those of the proof that gave the radius."""
     from .calibrate import bound_tables, routed_counts, simulate
 
     tau = check_tau(tau)
@@ -148,11 +174,11 @@ def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: f
     estimate = routed_counts(scores.estimate, offsets)
     n = scores.estimate.shape[1]
     out["members"] = [(int(np.argmax(s)),) for s in select]
+    out["proof"] = ["dual"] * len(select)
     for i in range(len(select)):
         members = set_members(select[i], tau)
         if members.sum() == 1:
             continue
-        chosen = tuple(int(k) for k in np.flatnonzero(members))
 
         def member(k: int, level: float, i=i) -> Certificate:
             e = experts[k]
@@ -162,11 +188,11 @@ def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: f
             return Certificate(int(e.guess[i]) if ok else ABSTAIN, float(r_e[count]) if ok else 0.0,
                                float(p_e[count]), count, int(e.n))
 
-        result = certify_set(members, int(estimate[i][members].sum()), n, beta=beta, alpha=alpha,
-                             sigma_e=scores.sigma, expert=member)
-        out["members"][i] = chosen
-        out["n_router"][i] = int(estimate[i][members].sum())
-        out["p_router_lower"][i] = result.p_router_lower
+        top = int(np.argmax(select[i]))
+        result = certify_set(members, top, int(estimate[i][top]), int(estimate[i][members].sum()), n, beta=beta,
+                             alpha=alpha, sigma_e=scores.sigma, expert=member)
+        out["members"][i], out["proof"][i] = result.members, result.proof
+        out["n_router"][i], out["p_router_lower"][i] = result.count_router, result.p_router_lower
         if result.radius_router < 0:
             out["expert"][i], out["radius_router"][i], out["predict"][i] = ABSTAIN, 0.0, ABSTAIN
             out["radius_expert"][i], out["p_expert_lower"][i], out["n_expert"][i] = np.nan, np.nan, -1
@@ -174,9 +200,9 @@ def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: f
             continue
         b = result.binding
         cert = result.expert_certificates[b]
-        out["expert"][i], out["radius_router"][i], out["predict"][i] = chosen[b], result.radius_router, result.prediction
-        out["radius_expert"][i] = cert.radius
-        out["p_expert_lower"][i], out["n_expert"][i] = cert.p_lower, cert.count
-        out["sigma"][i], out["radius"][i] = experts[chosen[b]].sigma, result.radius
+        k = result.members[b]
+        out["expert"][i], out["radius_router"][i], out["predict"][i] = k, result.radius_router, result.prediction
+        out["radius_expert"][i], out["p_expert_lower"][i], out["n_expert"][i] = cert.radius, cert.p_lower, cert.count
+        out["sigma"][i], out["radius"][i] = experts[k].sigma, result.radius
     out["correct"] = (out["predict"] == scores.label).astype(np.int64)
     return out

@@ -327,9 +327,11 @@ def test_router_sets_compose_equals_certify_and_sets_are_used(routed_set):
     assert not any("+" in row[header.index("members")] for row in rows[2.0][1:])  # ... and never above 1
     plain = tmp_path / "plain.tsv"
     assert invoke("certify", "--router", router, *common, "--out", plain).exit_code == 0
-    drop = header.index("members")
-    assert [row[:drop] + row[drop + 1:] for row in rows[2.0]] == _rows(plain)  # tau > 1: dual CERTIFY's rows
-    cut = [[row[:drop] + row[drop + 1:] for row in rows[tau][1:]] for tau in (0.2, 2.0)]
+    drop = header.index("members")  # members and proof are the last two columns
+    assert [row[:drop] for row in rows[2.0]] == _rows(plain)  # tau > 1: dual CERTIFY's rows
+    assert {row[drop + 1] for row in rows[2.0][1:]} == {"dual"}
+    assert {row[drop + 1] for row in rows[0.2][1:] if "+" in row[drop]} == {"single", "set"}  # both proofs win rows
+    cut = [[row[:drop] for row in rows[tau][1:]] for tau in (0.2, 2.0)]
     changed = [a != b for a, b in zip(*cut)]
     assert any(changed) and all(not c or "+" in m for c, m in zip(changed, members))  # only set rows differ
     # refusals: one line, nothing written

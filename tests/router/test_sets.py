@@ -137,13 +137,35 @@ def test_set_members_and_certify_set():
     def expert(k, level):
         calls.append((k, level))
         return {0: Certificate(3, 0.4, 0.9, 90, 100), 1: Certificate(3, 0.8, 0.99, 99, 100),
-                2: Certificate(5, 0.9, 0.99, 99, 100)}[k]
+                2: Certificate(5, 0.9, 0.99, 99, 100), 3: Certificate(ABSTAIN, 0.0, 0.3, 30, 100)}[k]
 
-    out = certify_set(np.array([True, True, False]), 99, 100, beta=0.01, alpha=0.01, sigma_e=1.0, expert=expert)
-    assert calls == [(0, 0.005), (1, 0.005)]  # alpha split over the members
-    assert out.prediction == 3 and out.members == (0, 1) and out.radius == pytest.approx(0.4) and out.binding == 0
-    assert out.radius_router > 0.4
-    disagree = certify_set(np.array([False, True, True]), 99, 100, beta=0.01, alpha=0.01, sigma_e=1.0, expert=expert)
-    assert disagree.prediction == ABSTAIN and disagree.radius == 0.0
-    unsure = certify_set(np.array([True, True, False]), 60, 100, beta=0.01, alpha=0.01, sigma_e=1.0, expert=expert)
+    four = np.array([True, True, False, False])
+    # the router hesitates between 0 and 1 (top 1: 55 of 100 alone, 99 of 100 inside S): the set proof wins
+    out = certify_set(four, 1, 55, 99, 100, beta=0.01, alpha=0.01, sigma_e=1.0, expert=expert)
+    assert calls == [(1, 0.005), (0, 0.005)]  # the top expert first, alpha split over the members
+    assert out.members == (1, 0) and out.proof == "set" and out.prediction == 3
+    assert out.radius == pytest.approx(0.4) and out.members[out.binding] == 0 and out.count_router == 99
+    assert out.radius_router == pytest.approx(set_radius(99, 100, 2, 4, 0.005, 1.0)[1])  # beta / 2 per router bound
+    # a confident top expert: its own dual radius (router bound at beta / 2) is the larger one
+    calls.clear()
+    sure = certify_set(four, 1, 100, 100, 100, beta=0.01, alpha=0.01, sigma_e=1.0, expert=expert)
+    assert sure.proof == "single" and sure.radius == pytest.approx(0.8) and sure.members[sure.binding] == 1
+    assert sure.radius_router == pytest.approx(set_radius(100, 100, 1, 4, 0.005, 1.0)[1])
+    # members that disagree: only the single proof is left
+    mixed = certify_set(np.array([False, True, True, False]), 2, 100, 100, 100, beta=0.01, alpha=0.01, sigma_e=1.0,
+                        expert=expert)
+    assert mixed.proof == "single" and mixed.prediction == 5 and mixed.radius == pytest.approx(0.9)
+    torn = certify_set(np.array([False, True, True, False]), 2, 50, 100, 100, beta=0.01, alpha=0.01, sigma_e=1.0,
+                       expert=expert)
+    assert torn.prediction == ABSTAIN and torn.radius == 0.0
+    # neither router bound certifies: the router abstains and no expert runs
+    calls.clear()
+    unsure = certify_set(four, 1, 40, 60, 100, beta=0.01, alpha=0.01, sigma_e=1.0, expert=expert)
     assert unsure.prediction == ABSTAIN and unsure.radius_router == -1.0 and unsure.expert_certificates == ()
+    assert calls == []
+    # an abstaining member stops the set proof; the top expert's own proof still stands
+    top_ok = certify_set(np.array([False, True, False, True]), 1, 100, 100, 100, beta=0.01, alpha=0.01, sigma_e=1.0,
+                         expert=expert)
+    assert top_ok.proof == "single" and top_ok.prediction == 3
+    with pytest.raises(ValueError, match="top expert"):
+        certify_set(four, 2, 10, 10, 100, beta=0.01, alpha=0.01, sigma_e=1.0, expert=expert)
