@@ -12,6 +12,10 @@ K expert RS classifiers. For one input x:
    classifier x' -> g_{k(x')}(x') predicts c on the whole L2 ball of that radius.
    Either stage abstaining means the result abstains.
 
+**Router sets** (``DualCertifier(..., set_tau=TAU)``, ``certify --router-sets``): where the router's
+selection gives several experts a share >= TAU, the same routed classifier is also certified with
+that set of experts (:mod:`router.sets`, its own guarantee and proof) and the larger radius kept.
+
 **Shared noise** (``DualCertifier(..., share_noise=True)``, ``certify --share-noise``). Where the routed
 expert's sigma equals the router's sigma_e, the expert stage reads the router stage's noisy inputs
 instead of its own streams: its selection the router's selection stream (ROUTER_SELECT), its
