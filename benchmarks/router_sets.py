@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualrs_route.router.calibrate import acr, simulate  # noqa: E402
-from dualrs_route.router.sets import simulate_sets  # noqa: E402
+from dualrs_route.router.calibrate import simulate_sets  # noqa: E402
 
 
 def main() -> None:

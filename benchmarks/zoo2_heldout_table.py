@@ -6,7 +6,7 @@ Usage (after bash benchmarks/zoo2_levers.sh): python benchmarks/zoo2_heldout_tab
 """
 import sys, os, numpy as np, warnings
 warnings.simplefilter("ignore")
-from dualrs_route.router.sets import simulate_sets
+from dualrs_route.router.calibrate import simulate_sets
 from dualrs_route.cli.calibrate import _load_stages
 from dualrs_route.router.calibrate import acr, simulate
 from dualrs_route.router.results import read_results

@@ -38,7 +38,7 @@ import numpy as np
 
 from dualrs_route.experts.errors import DataError, ResumeMismatchError
 from dualrs_route.experts.noise import NoiseKey, Stage
-from dualrs_route.experts.stats import ABSTAIN, check_alpha, lower_confidence_bound
+from dualrs_route.experts.stats import ABSTAIN, Certificate, check_alpha, lower_confidence_bound
 
 from .labels import save_npz_atomic
 
@@ -281,6 +281,58 @@ def simulate(scores: RouterScores, experts: Sequence[ExpertStage], offsets, *, a
     return out
 
 
+def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: float) -> dict:
+    """:func:`simulate` with set rows: the rows ``certify --router --router-sets TAU`` gives
+    with these noise streams (router scores, and each expert's own certificate counts).
+
+    Images whose selection gives one expert keep dual CERTIFY's row; the others get
+    :func:`router.sets.certify_set`, each member re-derived at alpha / |S| from its counts. Adds ``members`` (a
+    tuple of expert indices per image, the top one first) and ``proof`` ("dual", "single" or "set") to
+    simulate's arrays; on set rows ``expert``, ``sigma`` and the ``*_expert`` fields are the reported
+    member's (:attr:`router.sets.SetOutcome.binding`), the ``*_router`` fields those of the proof that gave the radius."""
+    from .sets import certify_set, check_tau, set_members
+
+    tau = check_tau(tau)
+    out = simulate(scores, experts, offsets, alpha=alpha, beta=beta)
+    offsets = np.asarray(offsets, dtype=np.float32)
+    select = routed_counts(scores.select, offsets)
+    estimate = routed_counts(scores.estimate, offsets)
+    n = scores.estimate.shape[1]
+    out["members"] = [(int(np.argmax(s)),) for s in select]
+    out["proof"] = ["dual"] * len(select)
+    for i in range(len(select)):
+        members = set_members(select[i], tau)
+        if members.sum() == 1:
+            continue
+
+        def member(k: int, level: float, i=i) -> Certificate:
+            e = experts[k]
+            p_e, r_e = bound_tables(e.n, level, e.sigma)
+            count = int(e.count[i])
+            ok = e.guess[i] != ABSTAIN and r_e[count] >= 0
+            return Certificate(int(e.guess[i]) if ok else ABSTAIN, float(r_e[count]) if ok else 0.0,
+                               float(p_e[count]), count, int(e.n))
+
+        top = int(np.argmax(select[i]))
+        result = certify_set(members, top, int(estimate[i][top]), int(estimate[i][members].sum()), n, beta=beta,
+                             alpha=alpha, sigma_e=scores.sigma, expert=member)
+        out["members"][i], out["proof"][i] = result.members, result.proof
+        out["n_router"][i], out["p_router_lower"][i] = result.count_router, result.p_router_lower
+        if result.radius_router < 0:
+            out["expert"][i], out["radius_router"][i], out["predict"][i] = ABSTAIN, 0.0, ABSTAIN
+            out["radius_expert"][i], out["p_expert_lower"][i], out["n_expert"][i] = np.nan, np.nan, -1
+            out["sigma"][i], out["radius"][i] = np.nan, 0.0
+            continue
+        b = result.binding
+        cert = result.expert_certificates[b]
+        k = result.members[b]
+        out["expert"][i], out["radius_router"][i], out["predict"][i] = k, result.radius_router, result.prediction
+        out["radius_expert"][i], out["p_expert_lower"][i], out["n_expert"][i] = cert.radius, cert.p_lower, cert.count
+        out["sigma"][i], out["radius"][i] = experts[k].sigma, result.radius
+    out["correct"] = (out["predict"] == scores.label).astype(np.int64)
+    return out
+
+
 def acr(result: dict) -> float:
     return float(np.mean(result["radius"] * result["correct"]))
 
@@ -402,7 +454,7 @@ def write_calibrated_router(folder, experts, out: str | os.PathLike, offsets, re
 def write_composed_results(out: str | os.PathLike, scores: RouterScores, result: dict, *, router, experts, stages,
                            alpha: float, beta: float, command: str, overwrite: bool = False,
                            set_tau: float | None = None) -> Path:
-    """Write ``result`` (from :func:`simulate`, or :func:`router.sets.simulate_sets` with ``set_tau``) as a
+    """Write ``result`` (from :func:`simulate`, or :func:`simulate_sets` with ``set_tau``) as a
     ``certify --router [--router-sets TAU]`` results TSV + sidecar.
 
     An existing file is replaced only with ``overwrite`` (it may hold hours of certification)."""

@@ -242,7 +242,8 @@ def compose_command(router, scores_path, expert_results, alpha, alpha_router, se
     if set_tau is None:
         result = simulate(scores, stages, offsets, alpha=a, beta=beta)
     else:
-        from dualrs_route.router.sets import check_tau, simulate_sets
+        from dualrs_route.router.calibrate import simulate_sets
+        from dualrs_route.router.sets import check_tau
 
         try:
             set_tau = check_tau(set_tau)
