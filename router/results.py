@@ -253,6 +253,7 @@ class ResultsWriter:
         self.path = Path(path)
         self.columns = tuple(columns)
         self.done: set[int] = set()
+        self._pending_resume: list = []  # a resume's start, until it writes a row
         self._lock = acquire_lock(self.path)
         try:
             if replace:
@@ -276,9 +277,7 @@ class ResultsWriter:
                                           "or repeat the original options. Differences: " + "; ".join(diffs))
             self.done = self._recover()
             self.metadata = old
-            resumed = self.metadata.get("resumed")
-            self.metadata["resumed"] = (resumed if isinstance(resumed, list) else []) + [metadata.get("started")]
-            write_json_atomic(side, self.metadata)  # now, so that a run killed later is in the history too
+            self._pending_resume = [metadata.get("started")]  # recorded with this session's first row
             self._handle = self._open_rows()
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +327,15 @@ class ResultsWriter:
         except OSError as exc:
             raise output_error(self.path, exc, kept="rows already written are kept; re-running resumes") from exc
 
+    def _record_resume(self) -> None:
+        resumed = self.metadata.get("resumed")
+        self.metadata["resumed"] = (resumed if isinstance(resumed, list) else []) + self._pending_resume
+        self._pending_resume = []
+        write_json_atomic(sidecar_path(self.path), self.metadata)
+
     def write(self, row: dict) -> None:
+        if self._pending_resume:  # now, so that a resume killed later is in the history too
+            self._record_resume()
         self._append("\t".join(format_value(row.get(c)) for c in self.columns) + "\n")
         self.done.add(int(row["idx"]))
 
@@ -341,6 +348,10 @@ class ResultsWriter:
                 self._handle.close()
             except OSError as exc:
                 raise output_error(self.path, exc, kept="rows already written are kept; re-running resumes") from exc
+            if self._pending_resume and final.get("complete", True) == self.metadata.get("complete", True):
+                return  # a resume that wrote nothing and changed nothing leaves the sidecar as it was
+            if self._pending_resume:
+                self._record_resume()
             self.metadata.update(final)
             write_json_atomic(sidecar_path(self.path), self.metadata)
         except OutputError:

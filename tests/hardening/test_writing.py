@@ -192,7 +192,10 @@ def test_a_symlink_at_the_old_temporary_name_is_not_followed(cli_expert, tmp_pat
     planted = Path(str(sidecar_path(out)) + ".tmp")
     planted.symlink_to(victim)
     assert invoke(*certify_args(folder, data, out)).exit_code == 0
-    assert invoke(*certify_args(folder, data, out)).exit_code == 0  # a resume rewrites the sidecar too
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-1]))  # drop the last row, so the resume writes one and rewrites the sidecar
+    assert invoke(*certify_args(folder, data, out)).exit_code == 0
+    assert len(json.loads(sidecar_path(out).read_text())["resumed"]) == 1
     assert victim.read_text() == "precious"
     assert planted.is_symlink() and os.readlink(planted) == str(victim)
     assert json.loads(sidecar_path(out).read_text())["complete"] is True
@@ -219,6 +222,17 @@ def test_resumed_history_keeps_killed_runs(cli_expert, tmp_path):
     reference = tmp_path / "reference.tsv"
     assert invoke(*certify_args(folder, data, reference)).exit_code == 0
     assert rows_without_time(out) == rows_without_time(reference)
+
+
+def test_resuming_a_complete_file_leaves_its_sidecar_as_it_was(cli_expert, tmp_path):
+    """Re-running a finished command (as a pipeline does) must not restamp "finished" or zero the session time."""
+    folder, data, _, _ = cli_expert
+    out = tmp_path / "r.tsv"
+    assert invoke(*certify_args(folder, data, out)).exit_code == 0
+    before = sidecar_path(out).read_bytes()
+    assert json.loads(before)["last_session_seconds"] > 0
+    assert invoke(*certify_args(folder, data, out)).exit_code == 0
+    assert sidecar_path(out).read_bytes() == before
 
 
 def test_replacing_writer_compose_force_never_removes_a_file_another_run_is_writing(cli_expert, tmp_path):
