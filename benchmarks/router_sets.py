@@ -22,8 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualrs_route.router.calibrate import acr, simulate  # noqa: E402
-from dualrs_route.router.calibrate import simulate_sets  # noqa: E402
+from dualrs_route.router.calibrate import acr, markdown_row, simulate, simulate_sets  # noqa: E402
 
 
 def main() -> None:
@@ -44,10 +43,6 @@ def main() -> None:
     offsets = np.asarray(folder.config.logit_offsets or [0.0] * len(stages), dtype=np.float32)
     radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
-    def line(name, res):
-        accs = " | ".join(f"{100 * np.mean((res['correct'] == 1) & (res['radius'] >= r)):.1f}" for r in radii)
-        return f"| {name} | {accs} | {acr(res):.4f} |"
-
     rows = {"dual (min with R_sigma)": simulate(scores, stages, offsets, alpha=a, beta=beta)}
     for tau in args.tau:
         res = simulate_sets(scores, stages, offsets, alpha=a, beta=beta, tau=tau)
@@ -56,7 +51,7 @@ def main() -> None:
     print("| certificate | " + " | ".join(f"r={r:g}" for r in radii) + " | ACR |")
     print("|---|" + "---|" * (len(radii) + 1))
     for name, res in rows.items():
-        print(line(name, res))
+        print(markdown_row(name, res, radii))
     if args.json:
         Path(args.json).write_text(json.dumps({name: {"acr": acr(res)} for name, res in rows.items()}, indent=1))
 

@@ -231,6 +231,15 @@ def bound_tables(n: int, alpha: float, sigma: float) -> tuple[np.ndarray, np.nda
 # 3. Replaying dual CERTIFY, and choosing offsets
 # ---------------------------------------------------------------------------------------------
 
+def expert_stage(e: ExpertStage, level: float, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The expert stage of ``e`` on ``rows`` (indices or a mask), re-derived at ``level`` from its counts:
+    (certified mask, radius (0 where not certified), p_lower, count)."""
+    p_e, r_e = bound_tables(e.n, level, e.sigma)
+    counts = e.count[rows]
+    ok = (e.guess[rows] != ABSTAIN) & (r_e[counts] >= 0)
+    return ok, np.where(ok, r_e[counts], 0.0), p_e[counts], counts
+
+
 def routed_counts(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """int64 [m, K]: per image, the argmax counts of ``logits + offsets`` (float32, as the engines add them)."""
     k = logits.shape[-1]
@@ -267,12 +276,10 @@ def simulate(scores: RouterScores, experts: Sequence[ExpertStage], offsets, *, a
            "n_expert": np.full(m, -1), "sigma": np.full(m, np.nan)}
     for j, e in enumerate(experts):
         rows = routed & (guess == j)
-        p_e, r_e = bound_tables(e.n, alpha, e.sigma)
-        counts = e.count[rows]
-        ok = (e.guess[rows] != ABSTAIN) & (r_e[counts] >= 0)
+        ok, radius, p_lower, counts = expert_stage(e, alpha, rows)
         out["predict"][rows] = np.where(ok, e.guess[rows], ABSTAIN)
-        out["radius_expert"][rows] = np.where(ok, r_e[counts], 0.0)
-        out["p_expert_lower"][rows] = p_e[counts]
+        out["radius_expert"][rows] = radius
+        out["p_expert_lower"][rows] = p_lower
         out["n_expert"][rows] = counts
         out["sigma"][rows] = e.sigma
     certified = out["predict"] != ABSTAIN
@@ -307,11 +314,8 @@ def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: f
 
         def member(k: int, level: float, i=i) -> Certificate:
             e = experts[k]
-            p_e, r_e = bound_tables(e.n, level, e.sigma)
-            count = int(e.count[i])
-            ok = e.guess[i] != ABSTAIN and r_e[count] >= 0
-            return Certificate(int(e.guess[i]) if ok else ABSTAIN, float(r_e[count]) if ok else 0.0,
-                               float(p_e[count]), count, int(e.n))
+            (ok,), (radius,), (p_lower,), (count,) = expert_stage(e, level, [i])
+            return Certificate(int(e.guess[i]) if ok else ABSTAIN, float(radius), float(p_lower), int(count), int(e.n))
 
         top = int(np.argmax(select[i]))
         result = certify_set(members, top, int(estimate[i][top]), int(estimate[i][members].sum()), n, beta=beta,
@@ -335,6 +339,12 @@ def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: f
 
 def acr(result: dict) -> float:
     return float(np.mean(result["radius"] * result["correct"]))
+
+
+def markdown_row(name: str, result: dict, radii: Sequence[float]) -> str:
+    """``| name | certified accuracy (%) at each radius | ACR |`` for a simulated result."""
+    accs = " | ".join(f"{100 * np.mean((result['correct'] == 1) & (result['radius'] >= r)):.1f}" for r in radii)
+    return f"| {name} | {accs} | {acr(result):.4f} |"
 
 
 def _grid(start: float, stop: float, step: float) -> np.ndarray:

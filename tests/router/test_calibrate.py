@@ -7,8 +7,10 @@ for a linear router); the search must find a known optimum and leave a flat obje
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,10 @@ from dualrs_route.experts.stats import lower_confidence_bound
 from dualrs_route.router.calibrate import (ExpertStage, RouterScores, bound_tables, fit_offsets, load_scores, routed_counts,
                               simulate, write_calibrated_router)
 from dualrs_route.cli import main
+from dualrs_route.router.results import read_results
 from rs_oracle import write_linear_folder
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SHAPE = (1, 4, 4)
 
@@ -298,8 +303,9 @@ def test_router_scores_resume_refuses_other_settings(routed_set):
     assert r.exit_code != 0 and "other settings" in r.output and not out.exists()
 
 
-def test_router_sets_compose_equals_certify_and_sets_are_used(routed_set):
-    """certify --router --router-sets TAU and compose --router-sets TAU write the same rows; TAU > 1 is plain dual."""
+def test_router_sets_compose_equals_certify_and_sets_are_used(routed_set, monkeypatch):
+    """certify --router --router-sets TAU and compose --router-sets TAU write the same rows; TAU > 1 is plain dual;
+    benchmarks/router_sets.py (the held-out TAU sweep) replays the same ACRs."""
     tmp_path, experts, router, data = routed_set
     n0, n = 20, 300
     expert_tsvs = _certify_experts(tmp_path, experts, data, n0=n0, n=n, alpha=0.002)
@@ -343,3 +349,20 @@ def test_router_sets_compose_equals_certify_and_sets_are_used(routed_set):
         assert not out.exists()
     r = invoke("certify", "--expert", experts[0], *common, "--router-sets", 0.2, "--out", tmp_path / "refused.tsv")
     assert r.exit_code != 0 and "only with --router" in r.output
+    spec = importlib.util.spec_from_file_location("router_sets", ROOT / "benchmarks" / "router_sets.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    sweep = tmp_path / "sweep.json"
+    monkeypatch.setattr(sys, "argv", ["router_sets.py", "--router", str(router), "--scores", str(scores), *map(str, results),
+                                      "--alpha", "0.002", "--tau", "0.2", "2", "--json", str(sweep)])
+    script.main()
+    got = json.loads(sweep.read_text())
+
+    def acr_of(path):
+        table = read_results(path)
+        return float(np.mean(np.where(table.correct == 1, table.radius, 0.0)))
+
+    assert got["dual (min with R_sigma)"]["acr"] == pytest.approx(acr_of(plain), abs=1e-6)
+    for tau in (0.2, 2.0):
+        (key,) = [k for k in got if k.startswith(f"set, tau {tau:g} ")]
+        assert got[key]["acr"] == pytest.approx(acr_of(tmp_path / f"real-sets-{tau}.tsv"), abs=1e-6)
