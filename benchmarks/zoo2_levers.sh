@@ -8,6 +8,7 @@
 #   se0.75    C's recipe trained end to end at sigma_e 0.75 (--init the sigma 1.0 expert)
 #   se0.5     C's recipe at sigma_e 0.5 (--init the sigma 0.5 expert)
 #   se1.0-l5 / se1.0-l80   the consistency weight lambda 5 and 80 instead of 20
+#   se1.25-l80 / se1.5-l80 lambda 80 at sigma_e 1.25 and 1.5 (ACR rose with sigma_e from 0.5 to 1.0)
 #   router N  each router at N = HN and at N = 1,000 (the first 1,000 estimation samples of the same streams)
 #   offsets   calibrate-router's logit offsets per router, with its split-half check (calibrate-VARIANT.txt)
 # Resumable: every finished file is kept (delete one to redo it). Needs the pipeline's labels and router:
@@ -59,6 +60,8 @@ recipe() {  # recipe VARIANT -> train-router options beyond the common ones
     se0.5) echo "--sigma-e 0.5 --init ${X}0.5 --lambda 20" ;;
     se1.0-l5) echo "--sigma-e 1.0 --init ${X}1.0 --lambda 5" ;;
     se1.0-l80) echo "--sigma-e 1.0 --init ${X}1.0 --lambda 80" ;;
+    se1.25-l80) echo "--sigma-e 1.25 --init ${X}1.0 --lambda 80" ;;
+    se1.5-l80) echo "--sigma-e 1.5 --init ${X}1.0 --lambda 80" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
@@ -91,9 +94,13 @@ dualrs-route analyze "$OUT"/holdout-expert-{0.25,0.5,1.0}.tsv "$OUT"/holdout-cas
   --radii 0,0.25,0.5,0.75,1.0,1.25,1.5 | tee "$OUT/holdout-table.md"
 for f in "$OUT"/holdout-se*-N"$HN".tsv; do echo "== $f"; dualrs-route router-report --results "$f"; done \
   | tee "$OUT/holdout-bottleneck.txt"
-# the choice: the best held-out ACR at router N = HN (ties: the earlier variant in VARIANTS)
+# the choice: the best held-out ACR at router N = HN over every variant measured so far (this run's VARIANTS
+# and earlier runs' files; ties: the earlier variant in ALL_VARIANTS)
+ALL_VARIANTS="se1.0 se0.5 se0.75 se1.0-l5 se1.0-l80 se1.25-l80 se1.5-l80"
+measured=""
+for v in $ALL_VARIANTS; do [ -f "$OUT/holdout-$v-N$HN.tsv" ] && measured="$measured $v"; done
 best=""; best_acr=-1
-for v in $VARIANTS; do
+for v in $measured; do
   acr=$(python3 -c "
 import sys
 from dualrs_route.router.results import read_results
@@ -102,5 +109,5 @@ t = read_results(sys.argv[1]); print(float((t.radius * t.correct).mean()))" "$OU
     best=$v; best_acr=$acr
   fi
 done
-printf '%s\n%s\n' "$(router_of "$best")" "variant $best: held-out ACR $best_acr at router N = $HN (of: $VARIANTS)" \
+printf '%s\n%s\n' "$(router_of "$best")" "variant $best: held-out ACR $best_acr at router N = $HN (of:$measured)" \
   | tee "$OUT/choice.txt"

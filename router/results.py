@@ -541,8 +541,8 @@ def analysis_report(paths: Sequence[str], radii: Sequence[float] = DEFAULT_RADII
     """Summaries of several result files side by side, plus envelope, oracle and captured gain.
 
     Single-expert files (mode ``single``, or Cohen's files without a sidecar) feed the
-    envelope and the oracle; for each router file the report gives the share of the
-    oracle's ACR gain over the best single expert's ACR that the router captures.
+    envelope and the oracle; for each router or cascade file the report gives the share of the
+    oracle's ACR gain over the best single expert's ACR that it captures.
     """
     return report_from_tables(load_tables(paths), radii, oracle=oracle)
 
@@ -570,7 +570,7 @@ def report_from_tables(tables: Sequence[ResultTable], radii: Sequence[float] = D
     if oracle_row and envelope:
         gap = oracle_row["acr"] - envelope["acr"]
         for s in summaries:
-            if s["mode"] == "router" and gap > 0:
+            if s["mode"] not in ("single", "best-radius") and gap > 0:  # routers and cascades
                 captured[s["name"]] = (s["acr"] - envelope["acr"]) / gap
                 notes.append(f"{s['name']} captures {100 * captured[s['name']]:.0f}% of the oracle's ACR gain over the "
                              f"best single expert ({s['acr']:.3f} vs {envelope['acr']:.3f}; oracle {oracle_row['acr']:.3f})")

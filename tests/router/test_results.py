@@ -120,9 +120,14 @@ def test_analysis_report_router_captured_gain(tmp_path):
     router = tmp_path / "router.tsv"
     router.write_text(head + "0\t1\t1\t1.0\t1\t0\n1\t1\t1\t0.5\t1\t0\n")
     sidecar_path(router).write_text(json.dumps({"settings": {"mode": "router"}}))
-    report = analysis_report([str(tmp_path / "e1.tsv"), str(tmp_path / "e2.tsv"), str(router)], [0.0, 0.5])
-    # envelope ACR 0.5, oracle ACR 1.0, router ACR 0.75 -> captures half the gap
+    cascade = tmp_path / "cascade.tsv"
+    cascade.write_text(head + "0\t1\t1\t0.25\t1\t0\n1\t1\t1\t0.5\t1\t0\n")
+    sidecar_path(cascade).write_text(json.dumps({"settings": {"mode": "cascade"}}))
+    report = analysis_report([str(tmp_path / "e1.tsv"), str(tmp_path / "e2.tsv"), str(router), str(cascade)], [0.0, 0.5])
+    # envelope ACR 0.5, oracle ACR 1.0, router ACR 0.75 -> captures half the gap; the cascade (0.375) loses a quarter
     assert report["captured_acr_gain"]["router"] == pytest.approx(0.5)
+    assert report["captured_acr_gain"]["cascade"] == pytest.approx(-0.25)
+    assert set(report["captured_acr_gain"]) == {"router", "cascade"}  # not the experts themselves
 
 
 def test_read_results_errors(tmp_path):
