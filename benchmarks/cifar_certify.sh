@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
 # Certified accuracy on CIFAR-10 for the zoo: each expert alone, the trained router, and
 # (from the per-expert files) the envelope and the oracle. Test images idx 0, 20, 40, ...
-# below MAX (default 2000: 100 images), N0 = 100, N = 10,000, total alpha = 0.001.
+# below MAX (default 10000: Cohen's 500 images), N0 = 100, N = 10,000, total alpha = 0.001.
 # Resumable: re-running continues every unfinished TSV.
-# Usage: bash benchmarks/cifar_certify.sh        (needs the zoo: bash benchmarks/cifar_zoo.sh)
+# Usage: bash benchmarks/cifar_certify.sh        (needs the zoo: bash benchmarks/zoo2_pipeline.sh, or cifar_zoo.sh for the first one)
 # On a GPU: ENGINE=torch DEVICE=cuda BATCH=10100 MAX=10000 bash benchmarks/cifar_certify.sh (500 images)
 # ROUTER=folder certifies another router; RESULTS=folder writes the TSVs elsewhere; EXPERTS=prefix takes the
-# experts PREFIX0.25, PREFIX0.5, PREFIX1.0 (default experts/zoo/cifar10-resnet20-sigma; the consistency zoo:
-# EXPERTS=benchmarks/training/cifar10-resnet20-cr-sigma). Also writes cascade.tsv (the Multiscale cascade at
+# experts PREFIX0.25, PREFIX0.5, PREFIX1.0. Default: the consistency zoo (benchmarks/training/cifar10-resnet20-cr-sigma,
+# router router/zoo/cifar10-router-cr-se1.0-l80, results in benchmarks/results/cifar10); the first 6-epoch zoo:
+# EXPERTS=experts/zoo/cifar10-resnet20-sigma ROUTER=router/zoo/cifar10-router RESULTS=benchmarks/results/cifar10/gaussian-zoo.
+# Also writes cascade.tsv (the Multiscale cascade at
 # p0 0.5, composed from the expert files' counts) and router.tsv (router-scores + compose, see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
-MAX=${MAX:-2000}
+MAX=${MAX:-10000}
 THREADS=${THREADS:-2}
 ENGINE=${ENGINE:-onnxruntime}
 DEVICE=${DEVICE:-cpu}
 BATCH=${BATCH:-400}
-ROUTER=${ROUTER:-router/zoo/cifar10-router}
-RESULTS=${RESULTS:-benchmarks/results/cifar10/gaussian-zoo}
-EXPERTS=${EXPERTS:-experts/zoo/cifar10-resnet20-sigma}
+ROUTER=${ROUTER:-router/zoo/cifar10-router-cr-se1.0-l80}
+RESULTS=${RESULTS:-benchmarks/results/cifar10}
+EXPERTS=${EXPERTS:-benchmarks/training/cifar10-resnet20-cr-sigma}
 if [ ! -f "$DATA/cifar10_test.npz" ]; then
   echo "skip: $DATA/cifar10_test.npz not found (set DATA=folder with cifar10_test.npz)" >&2
   exit 0
@@ -46,7 +48,10 @@ done
 # The router's network on its own N0 + N noisy copies (the expensive half of dual CERTIFY); its expert
 # stage is then re-derived from the expert files (compose: the rows `certify --router` gives, tested).
 # ROUTER_MODE=certify runs `certify --router` instead (about one more expert's samples per image).
-if [ -f "$ROUTER/config.json" ] && [ "${ROUTER_MODE:-compose}" = compose ]; then
+# A finished scores file is kept (compose checks that it is this router's); its unfinished parts resume.
+if [ -f "$ROUTER/config.json" ] && [ "${ROUTER_MODE:-compose}" = compose ] && [ -f "$RESULTS/router-scores.npz" ]; then
+  :
+elif [ -f "$ROUTER/config.json" ] && [ "${ROUTER_MODE:-compose}" = compose ]; then
   run dualrs-route router-scores --router "$ROUTER" --dataset cifar10 --data "$DATA" --split test --skip 20 \
     --max "$MAX" --router-N0 100 --router-N 10000 --seed 0 --batch "$BATCH" --threads "$THREADS" \
     --engine "$ENGINE" --device "$DEVICE" --quiet --out "$RESULTS/router-scores.npz"

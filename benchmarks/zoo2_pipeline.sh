@@ -11,7 +11,7 @@
 #   5. levers: router variants (sigma_e 1.0 / 0.75 / 0.5, lambda) judged on the 500 held-out images, which
 #      picks the router (benchmarks/zoo2_levers.sh -> benchmarks/results/zoo2-levers/choice.txt);
 #   6. Cohen's 500 test images at N = 10,000: expert-<sigma>.tsv, then cascade.tsv and router.tsv composed
-#      from them and the chosen router's scores, in benchmarks/results/cifar10-cr/ (benchmarks/cifar_certify.sh).
+#      from them and the chosen router's scores, in benchmarks/results/cifar10/ (benchmarks/cifar_certify.sh).
 # Usage: nohup bash benchmarks/zoo2_pipeline.sh > benchmarks/training/zoo2_pipeline.log 2>&1 &
 # STEPS="train export labels router levers certify" picks steps (default: all, in that order).
 set -euo pipefail
@@ -39,7 +39,7 @@ for step in $STEPS; do
       choice=benchmarks/results/zoo2-levers/choice.txt
       if [ -f "$choice" ]; then ROUTER=$(head -1 "$choice"); fi
       echo "router: $ROUTER"
-      MAX=10000 RESULTS=benchmarks/results/cifar10-cr bash benchmarks/cifar_certify.sh ;;
+      MAX=10000 RESULTS=benchmarks/results/cifar10 bash benchmarks/cifar_certify.sh ;;
     *) echo "unknown step $step (train export labels router levers certify)" >&2; exit 2 ;;
   esac
 done
