@@ -266,7 +266,13 @@ def test_label_and_score_shards_merge_to_the_unsharded_file(command, tmp_path):
     merged, full = npz(tmp_path / "m.npz"), npz(tmp_path / "full.npz")
     assert set(merged) == set(full)
     for key in set(full) - {"meta"}:
-        assert np.array_equal(merged[key], full[key]), key
+        if command is SCORES and key in ("select", "estimate"):
+            # float logits: on an Intel Xeon (AVX-512, no AMX; 2026-12-02) oneDNN gives rows of other batch shapes
+            # last-bit differences (1 ulp on a quarter of the select logits); their votes must agree exactly
+            assert np.array_equal(merged[key].argmax(-1), full[key].argmax(-1)), key
+            assert np.allclose(merged[key], full[key], rtol=0, atol=1e-6), key
+        else:
+            assert np.array_equal(merged[key], full[key]), key
     merged_meta, full_meta = json.loads(str(merged["meta"])), json.loads(str(full["meta"]))
     if command is LABELS:
         assert merged_meta["settings"] == full_meta["settings"] and merged_meta["complete"]
