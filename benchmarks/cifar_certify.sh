@@ -48,13 +48,11 @@ done
 # The router's network on its own N0 + N noisy copies (the expensive half of dual CERTIFY); its expert
 # stage is then re-derived from the expert files (compose: the rows `certify --router` gives, tested).
 # ROUTER_MODE=certify runs `certify --router` instead (about one more expert's samples per image).
-# A finished scores file is kept (compose checks that it is this router's); its unfinished parts resume.
-if [ -f "$ROUTER/config.json" ] && [ "${ROUTER_MODE:-compose}" = compose ] && [ -f "$RESULTS/router-scores.npz" ]; then
-  :
-elif [ -f "$ROUTER/config.json" ] && [ "${ROUTER_MODE:-compose}" = compose ]; then
-  run dualrs-route router-scores --router "$ROUTER" --dataset cifar10 --data "$DATA" --split test --skip 20 \
-    --max "$MAX" --router-N0 100 --router-N 10000 --seed 0 --batch "$BATCH" --threads "$THREADS" \
-    --engine "$ENGINE" --device "$DEVICE" --quiet --out "$RESULTS/router-scores.npz"
+if [ -f "$ROUTER/config.json" ] && [ "${ROUTER_MODE:-compose}" = compose ]; then
+  # a finished scores file is kept (compose checks that it is this router's); unfinished parts resume
+  [ -f "$RESULTS/router-scores.npz" ] || run dualrs-route router-scores --router "$ROUTER" --dataset cifar10 \
+    --data "$DATA" --split test --skip 20 --max "$MAX" --router-N0 100 --router-N 10000 --seed 0 --batch "$BATCH" \
+    --threads "$THREADS" --engine "$ENGINE" --device "$DEVICE" --quiet --out "$RESULTS/router-scores.npz"
 elif [ -f "$ROUTER/config.json" ]; then
   run dualrs-route certify --router "$ROUTER" "${common[@]}" --out "$RESULTS/router.tsv"
 fi

@@ -26,7 +26,7 @@ from dualrs_route.experts.stats import lower_confidence_bound
 from dualrs_route.router.calibrate import (ExpertStage, RouterScores, bound_tables, fit_offsets, load_scores, routed_counts,
                               simulate, write_calibrated_router)
 from dualrs_route.cli import main
-from dualrs_route.router.results import read_results
+from dualrs_route.router.results import read_results, summarize
 from rs_oracle import write_linear_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -359,8 +359,7 @@ def test_router_sets_compose_equals_certify_and_sets_are_used(routed_set, monkey
     got = json.loads(sweep.read_text())
 
     def acr_of(path):
-        table = read_results(path)
-        return float(np.mean(np.where(table.correct == 1, table.radius, 0.0)))
+        return summarize(read_results(path))["acr"]
 
     assert got["dual (min with R_sigma)"]["acr"] == pytest.approx(acr_of(plain), abs=1e-6)
     for tau in (0.2, 2.0):
