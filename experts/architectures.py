@@ -235,6 +235,26 @@ def small_cnn(num_classes: int, in_channels: int, input_shape, channels=(16, 32)
     return nn.Sequential(*layers)
 
 
+@register("pooled_mlp")
+def pooled_mlp(num_classes: int, in_channels: int, input_shape, pool: int = 8, hidden=(256, 256)) -> nn.Module:
+    """Average pooling over ``pool`` x ``pool`` blocks, then an MLP (``hidden`` widths, ReLU).
+
+    Made for routers: a block mean of pool^2 pixels moves by at most ||delta||_2 / pool under a
+    perturbation delta and carries noise sigma / pool, so the network sees a nearly clean low-resolution
+    image even at a large sigma_e, and its smoothed decision stays put over a large radius.
+    """
+    h, w = int(input_shape[1]), int(input_shape[2])
+    if h % pool or w % pool:
+        raise ValueError(f"pooled_mlp: pool {pool} must divide the image size {h}x{w}")
+    layers: list[nn.Module] = [nn.AvgPool2d(pool), nn.Flatten()]
+    width = in_channels * (h // pool) * (w // pool)
+    for units in hidden:
+        layers += [nn.Linear(width, int(units)), nn.ReLU(inplace=True)]
+        width = int(units)
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
 # --- routers built on a classifier ---
 
 

@@ -247,11 +247,26 @@ def routed_counts(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.stack([(votes == c).sum(axis=1) for c in range(k)], axis=1).astype(np.int64)
 
 
-def simulate(scores: RouterScores, experts: Sequence[ExpertStage], offsets, *, alpha: float, beta: float) -> dict:
+def router_votes(scores: RouterScores, offsets, counts=None) -> tuple[np.ndarray, np.ndarray]:
+    """(selection, estimation) vote counts, int64 [m, K]: ``counts`` where given, else those of ``logits + offsets``."""
+    if counts is not None:
+        select, estimate = (np.asarray(c, dtype=np.int64) for c in counts)
+        if select.shape != scores.select.shape[::2] or estimate.shape != scores.estimate.shape[::2]:
+            raise ValueError(f"vote counts of shape {select.shape}, {estimate.shape} for scores of "
+                             f"{scores.select.shape}, {scores.estimate.shape}")
+        return select, estimate
+    offsets = np.asarray(offsets, dtype=np.float32)
+    return routed_counts(scores.select, offsets), routed_counts(scores.estimate, offsets)
+
+
+def simulate(scores: RouterScores, experts: Sequence[ExpertStage], offsets, *, alpha: float, beta: float,
+             counts: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Dual CERTIFY of every scored image with the router's logits shifted by ``offsets``.
 
     Router stage at level ``beta`` (guess from the selection samples, count from the
     estimation samples), expert stage at level ``alpha`` re-derived from each expert's counts.
+    ``counts`` (selection and estimation vote counts, int64 [m, K] each) replaces the votes of
+    ``logits + offsets`` for a search that derives them faster from the logits itself.
     Returns per-image arrays named like the certify TSV columns (``expert``: index or ABSTAIN).
     """
     check_alpha(alpha)
@@ -263,9 +278,8 @@ def simulate(scores: RouterScores, experts: Sequence[ExpertStage], offsets, *, a
         if alpha > e.alpha * (1 + 1e-12):
             raise DataError(f"{e.path} was certified at alpha = {e.alpha:g}; it cannot supply an expert stage at "
                             f"the larger alpha = {alpha:g}")
-    offsets = np.asarray(offsets, dtype=np.float32)
-    guess = routed_counts(scores.select, offsets).argmax(axis=1)
-    estimate = routed_counts(scores.estimate, offsets)
+    select, estimate = router_votes(scores, offsets, counts)
+    guess = select.argmax(axis=1)
     n_router = estimate[np.arange(len(guess)), guess]
     p_router, r_router = bound_tables(scores.estimate.shape[1], beta, scores.sigma)
     routed = r_router[n_router] >= 0
@@ -288,7 +302,7 @@ def simulate(scores: RouterScores, experts: Sequence[ExpertStage], offsets, *, a
     return out
 
 
-def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: float) -> dict:
+def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: float, counts=None) -> dict:
     """:func:`simulate` with set rows: the rows ``certify --router --router-sets TAU`` gives
     with these noise streams (router scores, and each expert's own certificate counts).
 
@@ -296,14 +310,13 @@ def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: f
     :func:`router.sets.certify_set`, each member re-derived at alpha / |S| from its counts. Adds ``members`` (a
     tuple of expert indices per image, the top one first) and ``proof`` ("dual", "single" or "set") to
     simulate's arrays; on set rows ``expert``, ``sigma`` and the ``*_expert`` fields are the reported
-    member's (:attr:`router.sets.SetOutcome.binding`), the ``*_router`` fields those of the proof that gave the radius."""
+    member's (:attr:`router.sets.SetOutcome.binding`), the ``*_router`` fields those of the proof that gave the radius.
+    ``counts``: as in :func:`simulate`."""
     from .sets import certify_set, check_tau, set_members
 
     tau = check_tau(tau)
-    out = simulate(scores, experts, offsets, alpha=alpha, beta=beta)
-    offsets = np.asarray(offsets, dtype=np.float32)
-    select = routed_counts(scores.select, offsets)
-    estimate = routed_counts(scores.estimate, offsets)
+    out = simulate(scores, experts, offsets, alpha=alpha, beta=beta, counts=counts)
+    select, estimate = router_votes(scores, offsets, counts)
     n = scores.estimate.shape[1]
     out["members"] = [(int(np.argmax(s)),) for s in select]
     out["proof"] = ["dual"] * len(select)

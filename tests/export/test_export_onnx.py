@@ -129,3 +129,41 @@ def test_confidence_head_router_exports_with_its_sort(tmp_path):
     with torch.inference_mode():
         want = load_folder(str(folder)).load_torch_model()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
+
+
+def test_pooled_mlp_router_exports_and_its_pooling_is_one_over_pool_lipschitz(tmp_path):
+    """pooled_mlp: block means move by at most ||delta||_2 / pool (what makes its decisions stable), a pool that
+    does not divide the image is refused, and the ONNX export matches torch."""
+    import torch
+
+    from dualrs_route.experts.architectures import build_model
+    from dualrs_route.experts.folders import ModelConfig, save_folder
+
+    torch.manual_seed(0)
+    shape = (3, 8, 8)
+    model = build_model("pooled_mlp", num_classes=3, input_shape=shape, mean=[0.0] * 3, std=[1.0] * 3, pool=4,
+                        hidden=[16, 8]).eval()
+    pool = model[1][:2]  # AvgPool2d + Flatten
+    x = torch.rand(64, *shape)
+    delta = torch.randn(64, *shape)
+    delta[::2] = 0
+    delta[::2, :, :4, :4] = torch.randn(32, 3, 4, 4)  # perturbations inside one block: the bound is tight there
+    moved = (pool(x + delta) - pool(x)).norm(dim=1)
+    bound = delta.flatten(1).norm(dim=1) / 4
+    assert (moved <= bound * (1 + 1e-5)).all()
+    aligned = delta.clone()
+    aligned[1::2] = 0
+    aligned[1::2, :, :4, :4] = 1.0  # a constant shift of one block attains the bound
+    assert torch.allclose((pool(x + aligned) - pool(x)).norm(dim=1)[1::2], aligned.flatten(1).norm(dim=1)[1::2] / 4)
+    with pytest.raises(ValueError, match="pool 3 must divide"):
+        build_model("pooled_mlp", num_classes=3, input_shape=shape, mean=[0.0] * 3, std=[1.0] * 3, pool=3)
+    args = {"pool": 4, "hidden": [16, 8]}
+    config = ModelConfig(kind="expert", sigma=1.0, num_classes=3, input_shape=shape, mean=(0.0,) * 3, std=(1.0,) * 3,
+                         architecture="pooled_mlp", architecture_args=args)
+    folder = save_folder(tmp_path / "pooled", config, model)
+    export_onnx(str(folder))
+    xs = np.random.default_rng(1).uniform(size=(9, *shape)).astype(np.float32)
+    got = _session(folder / "model.onnx").run(["logits"], {"pixels": xs})[0]
+    with torch.inference_mode():
+        want = load_folder(str(folder)).load_torch_model()(torch.from_numpy(xs)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)

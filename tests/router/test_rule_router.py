@@ -1,0 +1,135 @@
+"""benchmarks/rule_router.py: the confidence-threshold router.
+
+The probe folder's logits must be the base expert's sorted probabilities; a rule folder must route as
+the replayed rule does; and a rule, written as a folder and certified through its
+own router-scores + compose, must give exactly the rows the fit replays.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dualrs_route.cli import main
+from dualrs_route.experts.folders import load_folder
+from dualrs_route.router.calibrate import load_expert_stage, load_scores
+from dualrs_route.router.results import read_results
+from rs_oracle import write_linear_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+SHAPE = (1, 4, 4)
+SIGMAS = (0.1, 0.15, 0.2)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("rule_router", ROOT / "benchmarks" / "rule_router.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    """Three linear experts with 4 classes (sigma 0.1 / 0.15 / 0.2: the data's scale) and 30 images, labelled by the
+    last expert's clean class where it is confident (margin above the median) and by the first one's elsewhere."""
+    rng = np.random.default_rng(5)
+    experts = [write_linear_folder(tmp_path / f"e{k}", weight=rng.normal(size=(4, 16)), bias=np.zeros(4),
+                                   sigma=sigma, input_shape=SHAPE, name=f"e{k}")
+               for k, sigma in enumerate(SIGMAS)]
+    x = rng.uniform(size=(30, *SHAPE)).astype(np.float32)
+    with torch.no_grad():
+        logits = [load_folder(str(e)).load_torch_model()(torch.from_numpy(x)) for e in experts]
+    top2 = torch.softmax(logits[2], 1).topk(2, dim=1).values.numpy()
+    confident = top2[:, 0] - top2[:, 1] >= np.median(top2[:, 0] - top2[:, 1])
+    y = np.where(confident, logits[2].argmax(1).numpy(), logits[0].argmax(1).numpy()).astype(np.int64)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x, y=y)
+    return tmp_path, [str(e) for e in experts], data
+
+
+def _outputs(folder, x):
+    with torch.no_grad():
+        return load_folder(str(folder)).load_torch_model().eval()(torch.from_numpy(x)).numpy()
+
+
+def test_probe_and_rule_folders_compute_the_replayed_rule(zoo):
+    tmp_path, experts, _ = zoo
+    rr = _script()
+    probe = rr.write_router(experts[2], experts, SIGMAS[2], str(tmp_path / "probe"), None)
+    x = np.random.default_rng(0).normal(0.5, 1.0, size=(2000, *SHAPE)).astype(np.float32)
+    with torch.no_grad():
+        sorted_p = torch.softmax(load_folder(experts[2]).load_torch_model()(torch.from_numpy(x)), 1).sort(
+            1, descending=True).values[:, :3].numpy()
+    features = _outputs(probe, x)
+    np.testing.assert_allclose(features, sorted_p, atol=1e-6)
+    for feature in rr.FEATURES:
+        s = rr.feature(features, feature)
+        t1, t2 = (float(v) for v in np.quantile(s, [0.3, 0.7]))
+        rule = rr.write_router(experts[2], experts, SIGMAS[2], str(tmp_path / f"rule-{feature}"),
+                               {"feature": feature, "t1": t1, "t2": t2})
+        routed = _outputs(rule, x).argmax(1)
+        replayed = rr.rule_logits(features, feature, t1, t2).argmax(1)
+        expected = np.where(s < t1, 0, np.where(s < t2, 1, 2))
+        near = np.abs(s - t1) < 1e-5
+        near |= np.abs(s - t2) < 1e-5
+        assert (routed == replayed)[~near].all() and (replayed == expected)[~near].all()
+        assert np.bincount(routed, minlength=3).min() > 400  # every expert gets its share
+        assert load_folder(str(rule)).config.kind == "router"
+
+
+def test_a_rule_folder_certifies_as_its_replay_and_the_fit_covers_constant_routers(zoo, monkeypatch):
+    tmp_path, experts, data = zoo
+    rr = _script()
+    probe = rr.write_router(experts[2], experts, SIGMAS[2], str(tmp_path / "probe"), None)
+    n0, n, alpha = 20, 300, 0.002
+    tsvs = []
+    for k, e in enumerate(experts):
+        out = tmp_path / f"expert-{k}.tsv"
+        r = invoke("certify", "--expert", e, "--dataset", f"npz:{data}", "--N0", n0, "--N", n, "--alpha", alpha,
+                   "--seed", 4, "--engine", "torch", "--quiet", "--out", out)
+        assert r.exit_code == 0, r.output
+        tsvs.append(str(out))
+
+    def scores_of(router, out):
+        r = invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", n0, "--router-N", n,
+                   "--seed", 4, "--engine", "torch", "--quiet", "--out", out)
+        assert r.exit_code == 0, r.output
+        return out
+
+    probe_scores = scores_of(probe, tmp_path / "probe-scores.npz")
+    choice = tmp_path / "rule.json"
+    monkeypatch.setattr(sys, "argv", ["rule_router.py", "fit", "--scores", str(probe_scores), "--expert-results", *tsvs,
+                                      "--alpha", str(alpha), "--step", "0.1", "--taus", "2,0.1", "--out", str(choice)])
+    rr.main()
+    best = json.loads(choice.read_text())
+    assert best["heldout_acr"] >= max(best["constant_routers"].values())  # constant rules are on the grid
+    # a rule that routes to more than one expert, certified through its own folder, equals its replay
+    scores = load_scores(probe_scores)
+    stages = [load_expert_stage(p, scores) for p in tsvs]
+    s = rr.feature(scores.estimate, "margin")
+    t1, t2 = (float(v) for v in np.quantile(s, [0.3, 0.7]))
+    rule = {"feature": "margin", "t1": t1, "t2": t2}
+    folder = rr.write_router(experts[2], experts, SIGMAS[2], str(tmp_path / "rule"), rule)
+    rule_scores = scores_of(folder, tmp_path / "rule-scores.npz")
+    for tau in (2.0, 0.1):
+        replayed = rr.replay(scores, stages, "margin", t1, t2, tau, alpha)
+        assert (np.bincount(replayed["expert"][replayed["expert"] >= 0], minlength=3) > 0).sum() >= 2
+        composed = tmp_path / f"rule-{tau}.tsv"
+        extra = ["--router-sets", tau] if tau <= 1 else []
+        r = invoke("compose", "--router", folder, "--scores", rule_scores,
+                   *sum((["--expert-results", p] for p in tsvs), []), "--alpha", alpha, *extra, "--out", composed)
+        assert r.exit_code == 0, r.output
+        table = read_results(composed)
+        np.testing.assert_array_equal(table.predict, replayed["predict"])
+        np.testing.assert_allclose(table.radius, replayed["radius"], atol=1e-6)  # TSV decimals
