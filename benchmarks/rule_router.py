@@ -178,6 +178,10 @@ def fit(args) -> None:
     for r in table[:args.top]:
         print(f"{r['feature']:7s} tau {r['tau']:<5g} t1 {r['t1']:.3f} t2 {r['t2']:.3f}: ACR {r['acr']:.4f} "
               f"(halves {r['halves'][0]:.4f} / {r['halves'][1]:.4f}), routes {r['routes']}")
+    for name in FEATURES:
+        for tau in taus:
+            r = max((r for r in table if r["feature"] == name and r["tau"] == tau), key=lambda r: r["acr"])
+            print(f"best {name}, tau {tau:g}: t1 {r['t1']:.3f} t2 {r['t2']:.3f}: ACR {r['acr']:.4f}, routes {r['routes']}")
     # split-half: choose on one half, report on the other
     checks = []
     for h in (0, 1):

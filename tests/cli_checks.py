@@ -1,6 +1,9 @@
-"""Assertions on CLI results shared by the test folders (importable: tests/ is on sys.path via its conftest)."""
+"""Assertions on CLI results, and CLI steps, shared by the test folders (importable: tests/ is on sys.path via its
+conftest)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def one_error_line(result, mentions: str | None = None, *, exit_codes=(1, 2)) -> str:
@@ -16,3 +19,20 @@ def one_error_line(result, mentions: str | None = None, *, exit_codes=(1, 2)) ->
     if mentions:
         assert mentions.lower() in errors[0].lower(), errors[0]
     return errors[0]
+
+
+def certify_experts(tmp_path, experts, data, *, n0: int, n: int, alpha: float, seed: int = 3) -> list[Path]:
+    """``certify --expert`` of each expert on the npz ``data`` (torch engine): tmp_path/expert-K.tsv, in order."""
+    from click.testing import CliRunner
+
+    from dualrs_route.cli import main
+
+    paths = []
+    for k, e in enumerate(experts):
+        out = Path(tmp_path) / f"expert-{k}.tsv"
+        r = CliRunner().invoke(main, [str(a) for a in ("certify", "--expert", e, "--dataset", f"npz:{data}", "--N0", n0,
+                                                       "--N", n, "--alpha", alpha, "--seed", seed, "--engine", "torch",
+                                                       "--quiet", "--out", out)])
+        assert r.exit_code == 0, r.output
+        paths.append(out)
+    return paths

@@ -27,6 +27,7 @@ from dualrs_route.router.calibrate import (ExpertStage, RouterScores, bound_tabl
                               simulate, write_calibrated_router)
 from dualrs_route.cli import main
 from dualrs_route.router.results import read_results, summarize
+from cli_checks import certify_experts
 from rs_oracle import write_linear_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,17 +67,6 @@ def routed_set(tmp_path):
     return tmp_path, experts, router, data
 
 
-def _certify_experts(tmp_path, experts, data, *, n0, n, alpha):
-    paths = []
-    for k, e in enumerate(experts):
-        out = tmp_path / f"expert-{k}.tsv"
-        r = invoke("certify", "--expert", e, "--dataset", f"npz:{data}", "--N0", n0, "--N", n, "--alpha", alpha,
-                   "--seed", 3, "--engine", "torch", "--quiet", "--out", out)
-        assert r.exit_code == 0, r.output
-        paths.append(out)
-    return paths
-
-
 def _rows(path):
     lines = Path(path).read_text().splitlines()
     header = lines[0].split("\t")
@@ -87,7 +77,7 @@ def _rows(path):
 def test_compose_gives_exactly_the_rows_of_certify_router(routed_set):
     tmp_path, experts, router, data = routed_set
     n0, n = 20, 300
-    expert_tsvs = _certify_experts(tmp_path, experts, data, n0=n0, n=n, alpha=0.002)
+    expert_tsvs = certify_experts(tmp_path, experts, data, n0=n0, n=n, alpha=0.002)
     scores = tmp_path / "scores.npz"
     r = invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", n0, "--router-N", n,
                "--seed", 3, "--engine", "torch", "--chunk", 5, "--quiet", "--out", scores)
@@ -239,7 +229,7 @@ def test_fit_offsets_finds_the_known_optimum_and_keeps_zero_when_flat():
 
 def test_compose_refuses_mismatched_inputs(routed_set):
     tmp_path, experts, router, data = routed_set
-    tsvs = _certify_experts(tmp_path, experts, data, n0=10, n=50, alpha=0.002)
+    tsvs = certify_experts(tmp_path, experts, data, n0=10, n=50, alpha=0.002)
     scores = tmp_path / "s.npz"
     assert invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", 10, "--router-N",
                   50, "--seed", 3, "--quiet", "--out", scores).exit_code == 0
@@ -308,7 +298,7 @@ def test_router_sets_compose_equals_certify_and_sets_are_used(routed_set, monkey
     benchmarks/router_sets.py (the held-out TAU sweep) replays the same ACRs."""
     tmp_path, experts, router, data = routed_set
     n0, n = 20, 300
-    expert_tsvs = _certify_experts(tmp_path, experts, data, n0=n0, n=n, alpha=0.002)
+    expert_tsvs = certify_experts(tmp_path, experts, data, n0=n0, n=n, alpha=0.002)
     scores = tmp_path / "scores.npz"
     assert invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", n0, "--router-N", n,
                   "--seed", 3, "--engine", "torch", "--quiet", "--out", scores).exit_code == 0

@@ -21,6 +21,7 @@ from dualrs_route.cli import main
 from dualrs_route.experts.folders import load_folder
 from dualrs_route.router.calibrate import load_expert_stage, load_scores
 from dualrs_route.router.results import read_results
+from cli_checks import certify_experts
 from rs_oracle import write_linear_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,13 +94,7 @@ def test_a_rule_folder_certifies_as_its_replay_and_the_fit_covers_constant_route
     rr = _script()
     probe = rr.write_router(experts[2], experts, SIGMAS[2], str(tmp_path / "probe"), None)
     n0, n, alpha = 20, 300, 0.002
-    tsvs = []
-    for k, e in enumerate(experts):
-        out = tmp_path / f"expert-{k}.tsv"
-        r = invoke("certify", "--expert", e, "--dataset", f"npz:{data}", "--N0", n0, "--N", n, "--alpha", alpha,
-                   "--seed", 4, "--engine", "torch", "--quiet", "--out", out)
-        assert r.exit_code == 0, r.output
-        tsvs.append(str(out))
+    tsvs = [str(p) for p in certify_experts(tmp_path, experts, data, n0=n0, n=n, alpha=alpha, seed=4)]
 
     def scores_of(router, out):
         r = invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", n0, "--router-N", n,
@@ -133,3 +128,22 @@ def test_a_rule_folder_certifies_as_its_replay_and_the_fit_covers_constant_route
         table = read_results(composed)
         np.testing.assert_array_equal(table.predict, replayed["predict"])
         np.testing.assert_allclose(table.radius, replayed["radius"], atol=1e-6)  # TSV decimals
+
+
+def test_confidence_routing_bound_reads_the_expert_files(zoo, capsys):
+    """benchmarks/confidence_routing_bound.py: its expert and oracle ACRs are those of the files, and no rule
+    does worse than sending everything to the best expert (a constant rule is on its grid) or better than the oracle."""
+    tmp_path, experts, data = zoo
+    tsvs = [str(p) for p in certify_experts(tmp_path, experts, data, n0=20, n=200, alpha=0.01, seed=2)]
+    spec = importlib.util.spec_from_file_location("bound", ROOT / "benchmarks" / "confidence_routing_bound.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([*tsvs, "--step", "0.05"])
+    lines = capsys.readouterr().out.splitlines()
+    gains = [t.radius * t.correct for t in map(read_results, tsvs)]
+    assert f"experts {np.round([g.mean() for g in gains], 4).tolist()}" in lines[0]
+    oracle = np.max(gains, axis=0).mean()
+    assert f"oracle {oracle:.4f}" in lines[0]
+    values = [float(line.split("own radii ")[1].split()[0]) for line in lines[1:]]
+    assert len(values) == 3
+    assert all(gains[2].mean() - 1e-4 <= v <= oracle + 1e-4 for v in values)
