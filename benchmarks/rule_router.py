@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from dualrs_route.experts.folders import ModelConfig, load_folder, save_folder
-from dualrs_route.router.calibrate import acr, load_expert_stage, load_scores, simulate, simulate_sets
+from dualrs_route.router.calibrate import (acr, constant_routers, load_expert_stage, load_scores, simulate,
+                                           simulate_sets)
 from dualrs_route.router.dual import split_alpha
 from dualrs_route.router.training import init_from_folder, portable_reference
 
@@ -118,10 +119,9 @@ def write_router(expert: str, experts: list[str], sigma_e: float, out: str, rule
     return out_dir
 
 
-def _subset(scores, stages, rows):
-    sub = dataclasses.replace(scores, idx=scores.idx[rows], label=scores.label[rows], select=scores.select[rows],
-                              estimate=scores.estimate[rows])
-    return sub, [dataclasses.replace(e, guess=e.guess[rows], count=e.count[rows]) for e in stages]
+def half_acr(result: dict, rows: np.ndarray) -> float:
+    """ACR of ``result`` on some images (each image's replayed row depends on that image alone)."""
+    return acr({"radius": result["radius"][rows], "correct": result["correct"][rows]})
 
 
 def replay(scores, stages, name, t1, t2, tau, alpha, counts=None):
@@ -154,8 +154,8 @@ def fit(args) -> None:
     taus = [float(t) for t in args.taus.split(",")]
     pairs = [(i, j) for i in range(len(grid)) for j in range(i, len(grid))]
     a, beta = split_alpha(args.alpha)
-    constant = {e.name: acr(simulate(scores, stages, np.eye(3)[k] * 1e3, alpha=a, beta=beta))
-                for k, e in enumerate(stages)}
+    constants = constant_routers(scores, stages, alpha=a, beta=beta)
+    constant = {name: acr(result) for name, result in constants.items()}
     print(f"# {len(scores.idx)} images, router N {scores.estimate.shape[1]}; constant routers: "
           + ", ".join(f"{k} {v:.4f}" for k, v in constant.items()), flush=True)
     table = []
@@ -169,10 +169,9 @@ def fit(args) -> None:
                 t1, t2 = grid[i1], grid[i2]
                 counts = rule_counts(below[0], n0, i1, i2), rule_counts(below[1], n, i1, i2)
                 result = replay(scores, stages, name, t1, t2, tau, args.alpha, counts)
-                per = result["radius"] * result["correct"]
                 routes = np.bincount(result["expert"][result["expert"] >= 0], minlength=3)
-                table.append({"feature": name, "tau": tau, "t1": float(t1), "t2": float(t2), "acr": float(per.mean()),
-                              "halves": [float(per[h].mean()) for h in halves], "routes": routes.tolist()})
+                table.append({"feature": name, "tau": tau, "t1": float(t1), "t2": float(t2), "acr": acr(result),
+                              "halves": [half_acr(result, h) for h in halves], "routes": routes.tolist()})
         print(f"# {name}: {len(pairs) * len(taus)} rules in {time.perf_counter() - started:.0f} s", flush=True)
     table.sort(key=lambda r: -r["acr"])
     for r in table[:args.top]:
@@ -188,15 +187,13 @@ def fit(args) -> None:
         best = max(table, key=lambda r: r["halves"][h])
         checks.append({"chosen_on": ["even", "odd"][h], "rule": {k: best[k] for k in ("feature", "tau", "t1", "t2")},
                        "acr_chosen_half": best["halves"][h], "acr_other_half": best["halves"][1 - h],
-                       "best_constant_other_half": max(
-                           acr(simulate(*_subset(scores, stages, halves[1 - h]), np.eye(3)[k] * 1e3,
-                                        alpha=a, beta=beta)) for k in range(3))})
+                       "best_constant_other_half": max(half_acr(r, halves[1 - h]) for r in constants.values())})
         c = checks[-1]
         print(f"split half {c['chosen_on']} -> other: {c['rule']}: ACR {c['acr_chosen_half']:.4f} -> "
               f"{c['acr_other_half']:.4f} (best constant router there {c['best_constant_other_half']:.4f})")
     best = table[0]
     exact = replay(scores, stages, best["feature"], best["t1"], best["t2"], best["tau"], args.alpha)
-    exact_acr = float((exact["radius"] * exact["correct"]).mean())  # the rule's own float32 logits vote
+    exact_acr = acr(exact)  # the rule's own float32 logits vote
     print(f"best rule replayed with its float32 logits: ACR {exact_acr:.4f} (search {best['acr']:.4f})")
     record = {"feature": best["feature"], "t1": best["t1"], "t2": best["t2"], "tau": best["tau"],
               "heldout_acr": exact_acr, "search_acr": best["acr"], "routes": best["routes"], "constant_routers": constant,

@@ -315,8 +315,8 @@ def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: f
     from .sets import certify_set, check_tau, set_members
 
     tau = check_tau(tau)
-    out = simulate(scores, experts, offsets, alpha=alpha, beta=beta, counts=counts)
     select, estimate = router_votes(scores, offsets, counts)
+    out = simulate(scores, experts, offsets, alpha=alpha, beta=beta, counts=(select, estimate))
     n = scores.estimate.shape[1]
     out["members"] = [(int(np.argmax(s)),) for s in select]
     out["proof"] = ["dual"] * len(select)
@@ -348,6 +348,13 @@ def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: f
         out["sigma"][i], out["radius"][i] = experts[k].sigma, result.radius
     out["correct"] = (out["predict"] == scores.label).astype(np.int64)
     return out
+
+
+def constant_routers(scores: RouterScores, experts: Sequence[ExpertStage], *, alpha: float, beta: float) -> dict:
+    """{expert name: :func:`simulate`'s result} for the router that sends every image to that expert."""
+    k = len(experts)
+    return {e.name: simulate(scores, experts, np.where(np.arange(k) == j, 1e6, 0.0), alpha=alpha, beta=beta)
+            for j, e in enumerate(experts)}
 
 
 def acr(result: dict) -> float:

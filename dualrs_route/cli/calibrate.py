@@ -169,7 +169,7 @@ def calibrate_router_command(router, scores_path, expert_results, alpha, alpha_r
 
     from dualrs_route.router.dual import split_alpha
 
-    from dualrs_route.router.calibrate import acr, fit_offsets, simulate, write_calibrated_router
+    from dualrs_route.router.calibrate import acr, constant_routers, fit_offsets, simulate, write_calibrated_router
 
     grid_values = _grid_option(grid)
     folder, experts, scores, stages = _load_stages(router, scores_path, expert_results)
@@ -192,8 +192,7 @@ def calibrate_router_command(router, scores_path, expert_results, alpha, alpha_r
         fitted_t = acr({k: v[rows_test] for k, v in simulate(scores, stages, half_offsets, alpha=a, beta=beta).items()})
         halves[name] = {"offsets": [round(float(v), 6) for v in half_offsets], "acr_zero": round(zero_t, 6),
                         "acr_fitted": round(fitted_t, 6)}
-    singles = {s.name: acr(simulate(scores, stages, np.where(np.arange(len(stages)) == k, 1e6, 0.0), alpha=a,
-                                    beta=beta)) for k, s in enumerate(stages)}
+    singles = {name: acr(result) for name, result in constant_routers(scores, stages, alpha=a, beta=beta).items()}
     digest = hashlib.sha256(Path(scores_path).read_bytes()).hexdigest()
     record = {
         "command": _command_line(), "method": "grid search of per-expert logit offsets on the simulated dual ACR "
