@@ -32,7 +32,7 @@ fi
 # --- router labels and router (issue 4) ---
 # labels: each expert certified with N0 = 10, N = 100, alpha = 0.001 on the first LABEL_IMAGES training
 # images (CIFAR-10's training order is already shuffled), plus HOLDOUT_IMAGES held-out training images from
-# index 49,500 on for the routing diagnostics (never trained on, never test images). ~330 ResNet-20 forwards
+# index 49,500 on for the routing diagnostics (no router trains on them, the experts do; never test images). ~330 ResNet-20 forwards
 # per image: LABEL_IMAGES=2000 is about 12 min on 2 free cores (torch engine); the MORE_IMAGES that follow
 # them go to a second file with ONNX Runtime (about 0.2 s per image: 8,000 in ~28 min). Together they are the
 # first 10,000 training images, the paper's 20% (it reports that 20% loses little).

@@ -6,7 +6,7 @@
 #   N100:  the zoo's labels (N0 = 10, N = 100, benchmarks/results/zoo-labels/labels-train-2000.npz)
 #   N1000: new labels, N0 = 10, N = 1,000 (keyed noise: the first 100 estimation samples are the same)
 # Each router is judged by dual certification of the 500 held-out training images (idx 49,500-49,999,
-# never trained on, not test images) at N0 = 100, N = HN (default 2,000) per stage, total alpha = 0.001,
+# not test images; the experts trained on them, the routers did not) at N0 = 100, N = HN (default 2,000) per stage, total alpha = 0.001,
 # ONNX Runtime fp32, as in benchmarks/router_sweep.sh.
 # Cost on a 2-core CPU: labels about 47 min, each router about 4 min, each certification about 15 min.
 # Usage: bash benchmarks/label_budget.sh     (resumable: the labels file resumes, finished steps are kept)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Router variants for the CIFAR-10 zoo, trained side by side and judged by dual certification on the
-# 500 held-out training images (idx 49,500-49,999: never trained on, not test images), at N0 = 100,
+# 500 held-out training images (idx 49,500-49,999: not test images; the experts trained on them, the routers did not), at N0 = 100,
 # N = HN (default 2,000) per stage, total alpha = 0.001. Picks nothing itself: compare the ACR column.
 # Made for a GPU (DEVICE=cuda: the eight trainings and eleven certifications run at once, ~6 min on an
 # H100); on 2 CPU cores run fewer variants (VARIANTS="C") and expect hours.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Router design for the consistency zoo (issue 12), chosen on the 500 held-out training images only
-# (idx 49,500-49,999: never trained on, never test images), each variant judged by its replayed dual
+# (idx 49,500-49,999: no router trained on them, but every expert did; never test images), each variant judged by its replayed dual
 # certificate (router-scores + compose: the exact rows of certify --router, tested), total alpha 0.001:
 #   experts   each consistency expert alone, certify N0 = 100, N = HN (default 2,000); the files keep their
 #             counts, so the Multiscale cascade is composed from them (compose-cascade) at p0 0.5-0.8
