@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from dualrs_route.experts.folders import ModelConfig, load_folder, save_folder
-from dualrs_route.router.calibrate import (acr, constant_routers, load_expert_stage, load_scores, simulate,
+from dualrs_route.router.calibrate import (acr, constant_routers, load_expert_stage, load_scores, scaled, simulate,
                                            simulate_sets)
 from dualrs_route.router.dual import split_alpha
 from dualrs_route.router.training import init_from_folder, portable_reference
@@ -124,7 +124,7 @@ def half_acr(result: dict, rows: np.ndarray) -> float:
     return acr({"radius": result["radius"][rows], "correct": result["correct"][rows]})
 
 
-def replay(scores, stages, name, t1, t2, tau, alpha, counts=None):
+def replay(scores, stages, counts, name, t1, t2, tau, alpha):
     """Dual CERTIFY (router sets at ``tau`` <= 1) of the rule router from the probe's scores. ``counts``: its
     votes, from :func:`below_counts`, for the grid search; without them the rule's float32 logits vote."""
     if counts is None:
@@ -154,9 +154,9 @@ def fit(args) -> None:
     taus = [float(t) for t in args.taus.split(",")]
     pairs = [(i, j) for i in range(len(grid)) for j in range(i, len(grid))]
     a, beta = split_alpha(args.alpha)
-    constants = constant_routers(scores, stages, alpha=a, beta=beta)
+    constants = constant_routers(scores, stages, alpha=a, beta=beta, scale=args.scale)
     constant = {name: acr(result) for name, result in constants.items()}
-    print(f"# {len(scores.idx)} images, router N {scores.estimate.shape[1]}; constant routers: "
+    print(f"# {len(scores.idx)} images, router N {scores.estimate.shape[1]}, replayed at x{args.scale}; constant routers: "
           + ", ".join(f"{k} {v:.4f}" for k, v in constant.items()), flush=True)
     table = []
     started = time.perf_counter()
@@ -168,7 +168,7 @@ def fit(args) -> None:
             for i1, i2 in pairs:
                 t1, t2 = grid[i1], grid[i2]
                 counts = rule_counts(below[0], n0, i1, i2), rule_counts(below[1], n, i1, i2)
-                result = replay(scores, stages, name, t1, t2, tau, args.alpha, counts)
+                result = replay(*scaled(scores, stages, counts, args.scale), name, t1, t2, tau, args.alpha)
                 routes = np.bincount(result["expert"][result["expert"] >= 0], minlength=3)
                 table.append({"feature": name, "tau": tau, "t1": float(t1), "t2": float(t2), "acr": acr(result),
                               "halves": [half_acr(result, h) for h in halves], "routes": routes.tolist()})
@@ -192,11 +192,15 @@ def fit(args) -> None:
         print(f"split half {c['chosen_on']} -> other: {c['rule']}: ACR {c['acr_chosen_half']:.4f} -> "
               f"{c['acr_other_half']:.4f} (best constant router there {c['best_constant_other_half']:.4f})")
     best = table[0]
-    exact = replay(scores, stages, best["feature"], best["t1"], best["t2"], best["tau"], args.alpha)
-    exact_acr = acr(exact)  # the rule's own float32 logits vote
-    print(f"best rule replayed with its float32 logits: ACR {exact_acr:.4f} (search {best['acr']:.4f})")
+    exact = replay(scores, stages, None, best["feature"], best["t1"], best["t2"], best["tau"], args.alpha)
+    exact_acr = acr(exact)  # the rule's own float32 logits vote, at the stored N
+    if args.scale == 1:
+        print(f"best rule replayed with its float32 logits: ACR {exact_acr:.4f} (search {best['acr']:.4f})")
+    else:
+        print(f"best rule replayed with its float32 logits at the stored N: ACR {exact_acr:.4f} (search at "
+              f"x{args.scale}: {best['acr']:.4f})")
     record = {"feature": best["feature"], "t1": best["t1"], "t2": best["t2"], "tau": best["tau"],
-              "heldout_acr": exact_acr, "search_acr": best["acr"], "routes": best["routes"], "constant_routers": constant,
+              "heldout_acr": exact_acr, "search_acr": best["acr"], "scale": args.scale, "routes": best["routes"], "constant_routers": constant,
               "split_half": checks, "scores": str(args.scores), "expert_results": [str(p) for p in args.expert_results],
               "grid_step": args.step, "taus": taus, "command": "python " + " ".join(sys.argv)}
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
@@ -218,6 +222,8 @@ def main(argv=None) -> None:
     b.add_argument("--step", type=float, default=0.05)
     b.add_argument("--taus", default="2,0.05")
     b.add_argument("--top", type=int, default=15)
+    b.add_argument("--scale", type=int, default=1, help="replay at this many times the stored N (counts scaled; "
+                   "router.calibrate.scaled): to choose for a run at a larger N")
     b.add_argument("--out", required=True)
     c = sub.add_parser("write")
     c.add_argument("--rule", required=True)

@@ -7,7 +7,8 @@
 # Here the images are CIFAR-10 *test* images outside Cohen's 500 (idx 0, 20, ..., 9980), which stay untouched:
 #   sel  500 images, test idx 10, 30, ..., 9990 (idx % 20 == 10): the router is chosen on these
 #   lab  9,000 images, every other test idx with idx % 20 not in {0, 10}: the router's labels
-# Steps (STEPS="split labels routers experts scores choose", in this order; each resumes or skips what is done):
+# Steps (STEPS="split labels routers experts scores rule replay choose", in this order; each resumes or skips what
+# is done):
 #   split    runs/unseen/{sel,lab}.npz (x, y and the test idx of each image)
 #   labels   benchmarks/results/unseen/labels-lab.npz: the pipeline's label budget (N0 10, N 100, alpha 0.001)
 #   experts  benchmarks/results/unseen/sel-expert-<sigma>.tsv: each expert alone, N0 100, N = HN (1,000), alpha 0.001
@@ -15,8 +16,16 @@
 #            configs with training histories copied to benchmarks/results/unseen/NAME.json)
 #   scores   each variant's router scores on sel (router N0 100, N = HN), then router_sets.py's table (plain dual
 #            CERTIFY and router sets at TAU 0.05) in benchmarks/results/unseen/sel-NAME.md
+#   rule     the confidence-threshold router (benchmarks/rule_router.py) fitted on sel: the probe's scores at router
+#            N = HN, the fit replayed at 10x N (--scale 10) -> benchmarks/results/unseen/rule-x10.json, fit-x10.txt
+#   replay   benchmarks/unseen_replay.py: every variant at N and at 10x N (counts scaled, as the test's N = 10,000),
+#            as trained and with one expert merged out -> benchmarks/results/unseen/replay.md, replay.json
 #   choose   benchmarks/results/unseen/choice.txt: the variant with the highest sel ACR with router sets at TAU 0.05
-#            (the TAU chosen in the fourth session), fixed before any test image is scored
+#            at the stored N (the first rule, fixed in the seventh session before any of its test runs), and
+#            choice-x10.txt: the second rule (fixed before its test run, after the first rule's choice was known
+#            but before its test run): the highest sel ACR at 10x N over every variant, merge and certificate
+#            (dual or sets at TAU 0.05) of replay.json, and the rule router scored by its split-half check
+#            (mean of the two other-half ACRs: its thresholds are fitted on sel itself)
 # Variants (NAME: recipe):
 #   u-se1.0-l80       the chosen recipe of the training-image levers (confidence_head on the sigma 1.0 expert, its
 #                     init, sigma_e 1.0, lambda 80, 20 epochs)
@@ -28,7 +37,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=benchmarks/zoo_common.sh
 source benchmarks/zoo_common.sh
-STEPS=${STEPS:-"split labels routers experts scores choose"}
+STEPS=${STEPS:-"split labels routers experts scores rule replay choose"}
 VARIANTS=${VARIANTS:-"u-se1.0-l80 u-p8-se1.0-l80 u-p8-se2.0 u-p8-se1.0-l80-n10k u-p8-se2.0-n10k"}
 HN=${HN:-1000}
 THREADS=${THREADS:-2}
@@ -105,7 +114,57 @@ for v in $VARIANTS; do
       --json "$OUT/sel-$v.json" > "$OUT/sel-$v.md"
   fi
 done
+if has rule; then
+  probe=$WORK/probe-se1.0
+  if [ ! -f "$probe/model.onnx" ]; then
+    python benchmarks/rule_router.py probe --expert ${X}1.0 --sigma-e 1.0 --experts ${X}0.25 ${X}0.5 ${X}1.0 \
+      --out "$probe" > /dev/null
+    dualrs-route export "$probe" --to onnx
+  fi
+  S=$WORK/scores-probe-se1.0.npz
+  [ -f "$S" ] || dualrs-route router-scores --router "$probe" --dataset "npz:$WORK/sel.npz" --router-N0 100 \
+    --router-N "$HN" --seed 0 --batch 400 --engine onnxruntime --threads "$THREADS" --quiet --out "$S"
+  [ -f "$OUT/rule-x10.json" ] || python benchmarks/rule_router.py fit --scores "$S" \
+    --expert-results "$OUT"/sel-expert-{0.25,0.5,1.0}.tsv --alpha 0.001 --step 0.05 --taus 2,0.05,0.2 --top 25 \
+    --scale 10 --out "$OUT/rule-x10.json" > "$OUT/fit-x10.txt"
+fi
+if has replay; then
+  given=()
+  for v in $VARIANTS; do
+    [ -f "$WORK/scores-$v.npz" ] && given+=(--scores "$v=$WORK/scores-$v.npz")
+  done
+  python benchmarks/unseen_replay.py "${given[@]}" "${sel[@]}" --scale 1 10 --tau 0.05 --json "$OUT/replay.json" \
+    > "$OUT/replay.md"
+fi
 if has choose; then
+  python3 - "$OUT" <<'PY' | tee "$OUT/choice-x10.txt"
+import json, sys
+out = sys.argv[1]
+table = json.load(open(f"{out}/replay.json"))
+est = {}
+for v, rows in table.items():
+    if v == "constant":
+        continue
+    for key, r in rows.items():
+        merge, _, scale = key.partition(", ")
+        if scale == "x10":
+            for kind in ("plain", "sets"):
+                est[(v, merge, kind)] = r[kind]
+try:
+    rule = json.load(open(f"{out}/rule-x10.json"))
+    est[("rule", "K3", "tau %g" % rule["tau"])] = sum(c["acr_other_half"] for c in rule["split_half"]) / 2
+except FileNotFoundError:
+    rule = None
+best = max(est, key=lambda k: est[k])
+constants = {k: v for k, v in table["constant"].items() if k.endswith("x10")}
+print(" ".join(best))
+print(f"sel ACR at 10x N: {est[best]:.4f}; best constant router {max(constants.values()):.4f} ("
+      + ", ".join(f"{k} {v:.4f}" for k, v in constants.items()) + "); next: "
+      + ", ".join(f"{' '.join(k)} {est[k]:.4f}" for k in sorted(est, key=lambda k: -est[k])[1:6]))
+if rule:
+    print(f"rule router fitted on all of sel: {rule['feature']} t1 {rule['t1']} t2 {rule['t2']} tau {rule['tau']}, "
+          f"ACR at 10x N {rule['search_acr']:.4f} (in-sample)")
+PY
   python3 - "$OUT" $VARIANTS <<'PY' | tee "$OUT/choice.txt"
 import json, sys
 out, names = sys.argv[1], sys.argv[2:]

@@ -290,6 +290,53 @@ def confidence_head(num_classes: int, in_channels: int, input_shape, base: str =
     return ConfidenceHead(network, int(base_classes), num_classes, int(hidden))
 
 
+def parse_groups(groups: str, base_classes: int) -> list[list[int]]:
+    """``"0+1,2"`` -> [[0, 1], [2]]: disjoint groups of a base network's outputs (0-based), each non-empty."""
+    try:
+        parsed = [[int(v) for v in part.split("+")] for part in str(groups).split(",")]
+    except ValueError:
+        raise ValueError(f"groups must read like '0+1,2' (outputs joined by '+', groups by ','), got {groups!r}") \
+            from None
+    flat = [v for g in parsed for v in g]
+    if len(set(flat)) != len(flat) or any(not 0 <= v < base_classes for v in flat) or len(parsed) < 1:
+        raise ValueError(f"groups {groups!r}: each of the base's {base_classes} outputs may appear at most once")
+    return parsed
+
+
+class GroupedOutputs(nn.Module):
+    """``base``'s logits, grouped: output j is the largest of ``base``'s logits in group j.
+
+    Its argmax is the group that holds ``base``'s argmax (up to exact ties between groups), so a K-expert
+    router becomes a router over fewer experts: the votes for one expert count for another (groups
+    "0+1,2": expert 0's votes go to expert 1), or an expert is dropped (groups "1,2": argmax over the
+    rest). Either is a deterministic base classifier, so its smoothed router is certified like any other;
+    with two experts a router set holds both, which needs no router bound (``router/sets.py``).
+    State-dict keys are ``base.*``: the source router's weights load unchanged."""
+
+    def __init__(self, base: nn.Module, groups: list[list[int]]):
+        super().__init__()
+        self.base = base
+        self.groups = [list(g) for g in groups]
+
+    def forward(self, x):
+        logits = self.base(x)
+        return torch.stack([logits[:, g].amax(dim=1) for g in self.groups], dim=1)
+
+
+@register("grouped_outputs")
+def grouped_outputs(num_classes: int, in_channels: int, input_shape, base: str, base_args: dict | None = None,
+                    base_classes: int = 3, groups: str = "0,1,2") -> nn.Module:
+    """A router over groups of another router's outputs (:class:`GroupedOutputs`)."""
+    if base not in _REGISTRY or base == "grouped_outputs":
+        raise KeyError(f"unknown base architecture {base!r}; known: {', '.join(available())}")
+    parsed = parse_groups(groups, int(base_classes))
+    if len(parsed) != num_classes:
+        raise ValueError(f"grouped_outputs: {len(parsed)} groups for {num_classes} router classes")
+    network = _REGISTRY[base](num_classes=int(base_classes), in_channels=in_channels, input_shape=input_shape,
+                              **(base_args or {}))
+    return GroupedOutputs(network, parsed)
+
+
 @register("linear")
 def linear(num_classes: int, in_channels: int, input_shape) -> nn.Module:
     """Logits = W x + b on the flattened input. Its smoothed probabilities are closed-form,

@@ -350,11 +350,35 @@ def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: f
     return out
 
 
-def constant_routers(scores: RouterScores, experts: Sequence[ExpertStage], *, alpha: float, beta: float) -> dict:
-    """{expert name: :func:`simulate`'s result} for the router that sends every image to that expert."""
+def scaled(scores: RouterScores, experts: Sequence[ExpertStage], votes: tuple[np.ndarray, np.ndarray], scale: int):
+    """A replay at ``scale`` times the stored N, for choosing only (not a certificate): every estimation count, the
+    router's ``votes`` [m, K] and each expert's, is multiplied by ``scale`` (the same vote share, as
+    ``benchmarks/rescale_labels.py`` re-scores labels). Returns (a scores stand-in whose estimation stage has
+    ``scale`` * N samples and no logits, the scaled experts, the scaled votes) for :func:`simulate` and
+    :func:`simulate_sets` with ``counts``."""
+    scale = int(scale)
+    if scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
+    select, estimate = (np.asarray(v, dtype=np.int64) for v in votes)
+    m, n0, n = len(scores.idx), scores.select.shape[1], scores.estimate.shape[1] * scale
+    k = select.shape[1]
+    stand_in = dataclasses.replace(scores, select=np.broadcast_to(np.float32(0), (m, n0, k)),
+                                   estimate=np.broadcast_to(np.float32(0), (m, n, k)))
+    stages = [dataclasses.replace(e, n=e.n * scale, count=e.count * scale) for e in experts]
+    return stand_in, stages, (select, estimate * scale)
+
+
+def constant_routers(scores: RouterScores, experts: Sequence[ExpertStage], *, alpha: float, beta: float,
+                     scale: int = 1) -> dict:
+    """{expert name: :func:`simulate`'s result} for the router that sends every image to that expert
+    (at ``scale`` times N: :func:`scaled`)."""
     k = len(experts)
-    return {e.name: simulate(scores, experts, np.where(np.arange(k) == j, 1e6, 0.0), alpha=alpha, beta=beta)
-            for j, e in enumerate(experts)}
+    out = {}
+    for j, e in enumerate(experts):
+        offsets = np.where(np.arange(k) == j, 1e6, 0.0)
+        stand_in, stages, counts = scaled(scores, experts, router_votes(scores, offsets), scale)
+        out[e.name] = simulate(stand_in, stages, offsets, alpha=alpha, beta=beta, counts=counts)
+    return out
 
 
 def acr(result: dict) -> float:
@@ -479,6 +503,67 @@ def write_calibrated_router(folder, experts, out: str | os.PathLike, offsets, re
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def write_grouped_router(folder, experts, out: str | os.PathLike, merges: dict[int, int], *,
+                         overwrite: bool = False) -> Path:
+    """A router over fewer experts from router ``folder`` (routing to the loaded ``experts``): for each
+    ``merges`` entry j -> k, the votes for expert j count for expert k (architecture ``grouped_outputs``: each
+    kept expert's logit is the largest of its group's). Its argmax is the source's, mapped (up to exact ties),
+    so its certificate is the one :func:`merged_votes` replays from the source's scores. The weights are the
+    source's, unchanged (keys ``base.*``). Refuses a source with logit offsets (they act before the grouping)."""
+    from dualrs_route.experts.architectures import build_model
+    from dualrs_route.experts.folders import save_folder
+
+    from .training import portable_reference
+
+    cfg = folder.config
+    if cfg.logit_offsets is not None:
+        raise DataError(f"{folder.reference} has logit offsets; group the router they were fitted on")
+    groups, kept = merge_groups(cfg.num_classes, merges)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    args = {"base": cfg.architecture, "base_args": dict(cfg.architecture_args), "base_classes": int(cfg.num_classes),
+            "groups": ",".join("+".join(str(v) for v in g) for g in groups)}
+    model = build_model("grouped_outputs", num_classes=len(kept), input_shape=tuple(cfg.input_shape), mean=cfg.mean,
+                        std=cfg.std, **args)
+    source = folder.load_torch_model().state_dict()
+    model.load_state_dict({k: source[k.replace(".base.", ".", 1)] for k in model.state_dict()})
+    config = dataclasses.replace(cfg, architecture="grouped_outputs", architecture_args=args, num_classes=len(kept),
+                                 class_names=None if cfg.class_names is None else tuple(cfg.class_names[k] for k in kept),
+                                 experts=tuple(portable_reference(experts[k], out) for k in kept), name=out.name,
+                                 extra=dict(cfg.extra, grouped={"source": folder.reference,
+                                                                "merges": {str(j): int(k) for j, k in merges.items()}}))
+    tmp = out.with_name(out.name + ".tmp-group")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_folder(tmp, config, model.eval())
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def merge_groups(num_experts: int, merges: dict[int, int]) -> tuple[list[list[int]], list[int]]:
+    """(groups of router outputs, the expert each group routes to) when the votes for expert j count for
+    expert ``merges[j]``: one group per kept expert, in expert order."""
+    merges = {int(j): int(k) for j, k in merges.items()}
+    bad = [(j, k) for j, k in merges.items() if not (0 <= j < num_experts and 0 <= k < num_experts) or j == k
+           or k in merges]
+    if bad or not merges:
+        raise ValueError(f"merges {merges}: each j -> k needs two different experts of {num_experts}, k itself kept")
+    kept = [j for j in range(num_experts) if j not in merges]
+    groups = [[k] + sorted(j for j, t in merges.items() if t == k) for k in kept]
+    return [sorted(g) for g in groups], kept
+
+
+def merged_votes(votes: np.ndarray, merges: dict[int, int]) -> np.ndarray:
+    """int64 [m, K']: vote counts [m, K] with the votes for expert j added to expert ``merges[j]``'s, the
+    merged experts' columns removed (the router :func:`write_grouped_router` writes)."""
+    votes = np.asarray(votes, dtype=np.int64)
+    groups, _ = merge_groups(votes.shape[1], merges)
+    return np.stack([votes[:, g].sum(axis=1) for g in groups], axis=1)
 
 
 def write_composed_results(out: str | os.PathLike, scores: RouterScores, result: dict, *, router, experts, stages,

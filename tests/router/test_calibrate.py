@@ -355,3 +355,84 @@ def test_router_sets_compose_equals_certify_and_sets_are_used(routed_set, monkey
     for tau in (0.2, 2.0):
         (key,) = [k for k in got if k.startswith(f"set, tau {tau:g} ")]
         assert got[key]["acr"] == pytest.approx(acr_of(tmp_path / f"real-sets-{tau}.tsv"), abs=1e-6)
+
+
+def test_scaled_replay_is_the_certificate_of_the_scaled_counts():
+    """``scaled`` at s = 1 is the plain replay; at s = 10 each row is Cohen's radius of the counts times 10 at
+    N times 10, router and expert (exact: Clopper-Pearson from the scaled counts, min of both stages)."""
+    from dualrs_route.experts.stats import certified_radius
+    from dualrs_route.router.calibrate import scaled
+
+    rng = np.random.default_rng(3)
+    m, n0, n, k = 12, 20, 100, 3
+    select = rng.normal(size=(m, n0, k)).astype(np.float32) + np.array([2.0, 0.0, 0.0], dtype=np.float32)
+    estimate = rng.normal(size=(m, n, k)).astype(np.float32) + np.array([2.0, 0.0, 0.0], dtype=np.float32)
+    label = rng.integers(0, 2, size=m)
+    scores = RouterScores(np.arange(m), label, select, estimate, {"sigma": 1.0, "seed": 0})
+    experts = [ExpertStage(path=f"e{j}", name=f"e{j}", sigma=s, n=n, alpha=0.001, guess=label.copy(),
+                           count=rng.integers(60, n + 1, size=m), metadata={}) for j, s in enumerate((0.25, 0.5, 1.0))]
+    zero = np.zeros(k)
+    votes = routed_counts(select, zero), routed_counts(estimate, zero)
+    plain = simulate(scores, experts, zero, alpha=0.0005, beta=0.0005)
+    stand_in, stages, counts = scaled(scores, experts, votes, 1)
+    same = simulate(stand_in, stages, zero, alpha=0.0005, beta=0.0005, counts=counts)
+    assert np.array_equal(plain["radius"], same["radius"]) and np.array_equal(plain["predict"], same["predict"])
+    stand_in, stages, counts = scaled(scores, experts, votes, 10)
+    ten = simulate(stand_in, stages, zero, alpha=0.0005, beta=0.0005, counts=counts)
+    for i in range(m):
+        g = int(np.argmax(votes[0][i]))
+        p_r = lower_confidence_bound(int(votes[1][i][g]) * 10, n * 10, 0.0005)
+        p_e = lower_confidence_bound(int(experts[g].count[i]) * 10, n * 10, 0.0005)
+        if p_r < 0.5 or p_e < 0.5:
+            assert ten["radius"][i] == 0.0
+        else:
+            want = min(certified_radius(1.0, p_r), certified_radius(experts[g].sigma, p_e))
+            assert ten["radius"][i] == pytest.approx(want, abs=1e-12)
+    assert (ten["radius"] > plain["radius"]).sum() >= m // 2  # more samples, larger radii
+    with pytest.raises(ValueError, match="positive integer"):
+        scaled(scores, experts, votes, 0)
+
+
+def test_grouped_router_certifies_what_the_merged_votes_replay(routed_set):
+    """write_grouped_router (votes for expert 2 count for expert 1): ``certify --router`` of the grouped folder, plain
+    and with router sets, gives exactly the rows replayed from the *source* router's scores with its votes merged,
+    on torch and ONNX Runtime; with two experts a set row needs no router bound."""
+    from dualrs_route.router.calibrate import (load_expert_stage, merged_votes, router_votes, scaled, simulate_sets,
+                                               write_grouped_router)
+
+    tmp_path, experts, router, data = routed_set
+    n0, n, alpha = 20, 300, 0.002
+    tsvs = certify_experts(tmp_path, experts, data, n0=n0, n=n, alpha=alpha)
+    scores_path = tmp_path / "scores.npz"
+    r = invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", n0, "--router-N", n,
+               "--seed", 3, "--engine", "torch", "--quiet", "--out", scores_path)
+    assert r.exit_code == 0, r.output
+    scores = load_scores(scores_path)
+    stages = [load_expert_stage(p, scores) for p in tsvs]
+    grouped = write_grouped_router(load_folder(str(router)), [load_folder(str(e)) for e in experts],
+                                   tmp_path / "grouped", {2: 1})
+    cfg = load_folder(str(grouped)).config
+    assert cfg.num_classes == 2 and cfg.architecture_args["groups"] == "0,1+2" and len(cfg.experts) == 2
+    votes = tuple(merged_votes(v, {2: 1}) for v in router_votes(scores, np.zeros(3)))
+    assert votes[0].sum(axis=1).tolist() == [n0] * 24
+    stand_in, kept, counts = scaled(scores, [stages[0], stages[1]], votes, 1)
+    a, beta = alpha / 2, alpha / 2
+    want = {2.0: simulate(stand_in, kept, np.zeros(2), alpha=a, beta=beta, counts=counts),
+            0.2: simulate_sets(stand_in, kept, np.zeros(2), alpha=a, beta=beta, tau=0.2, counts=counts)}
+    assert set(votes[0].argmax(axis=1).tolist()) == {0, 1}  # it selects both kept experts
+    assert any(len(m) == 2 for m in want[0.2]["members"])  # some rows are sets
+    assert not np.array_equal(want[0.2]["radius"], want[2.0]["radius"])  # so the two certificates differ
+    for folder in (grouped, experts[0], experts[1]):
+        assert invoke("export", folder, "--to", "onnx").exit_code == 0
+    for engine in ("torch", "onnxruntime"):
+        for tau, expected in want.items():
+            out = tmp_path / f"grouped-{engine}-{tau}.tsv"
+            extra = ["--router-sets", tau] if tau <= 1 else []
+            r = invoke("certify", "--router", grouped, "--dataset", f"npz:{data}", "--N0", n0, "--N", n, "--alpha",
+                       alpha, "--seed", 3, "--engine", engine, *extra, "--quiet", "--out", out)
+            assert r.exit_code == 0, r.output
+            table = read_results(out)
+            np.testing.assert_array_equal(table.predict, expected["predict"])
+            np.testing.assert_allclose(table.radius, expected["radius"], atol=1e-6)
+    with pytest.raises(ValueError, match="two different experts"):
+        write_grouped_router(load_folder(str(router)), [load_folder(str(e)) for e in experts], tmp_path / "bad", {0: 0})

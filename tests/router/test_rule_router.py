@@ -118,7 +118,7 @@ def test_a_rule_folder_certifies_as_its_replay_and_the_fit_covers_constant_route
     folder = rr.write_router(experts[2], experts, SIGMAS[2], str(tmp_path / "rule"), rule)
     rule_scores = scores_of(folder, tmp_path / "rule-scores.npz")
     for tau in (2.0, 0.1):
-        replayed = rr.replay(scores, stages, "margin", t1, t2, tau, alpha)
+        replayed = rr.replay(scores, stages, None, "margin", t1, t2, tau, alpha)
         assert (np.bincount(replayed["expert"][replayed["expert"] >= 0], minlength=3) > 0).sum() >= 2
         composed = tmp_path / f"rule-{tau}.tsv"
         extra = ["--router-sets", tau] if tau <= 1 else []
