@@ -5,7 +5,7 @@
 # Resumable: re-running continues every unfinished TSV.
 # Usage: bash benchmarks/cifar_certify.sh        (needs the zoo: bash benchmarks/zoo2_pipeline.sh, or cifar_zoo.sh for the first one)
 # On a GPU: ENGINE=torch DEVICE=cuda BATCH=10100 MAX=10000 bash benchmarks/cifar_certify.sh (500 images)
-# ROUTER=folder certifies another router; RESULTS=folder writes the TSVs elsewhere; EXPERTS=prefix takes the
+# ROUTER=folder certifies another router (ROUTER_SIGMAS="0.5 1.0": the experts it routes to, for a grouped router); RESULTS=folder writes the TSVs elsewhere; EXPERTS=prefix takes the
 # experts PREFIX0.25, PREFIX0.5, PREFIX1.0. Default: the consistency zoo (benchmarks/training/cifar10-resnet20-cr-sigma,
 # router router/zoo/cifar10-router-cr-se1.0-l80, results in benchmarks/results/cifar10); the first 6-epoch zoo:
 # EXPERTS=experts/zoo/cifar10-resnet20-sigma ROUTER=router/zoo/cifar10-router RESULTS=benchmarks/results/cifar10/gaussian-zoo.
@@ -62,7 +62,9 @@ experts=(--expert-results "$RESULTS/expert-0.25.tsv" --expert-results "$RESULTS/
 # The cascade reads each expert's guess and counts: the rows of `certify --select cascade`, no new samples.
 dualrs-route compose-cascade "${experts[@]}" --alpha 0.001 --cascade-p0 0.5 --out "$RESULTS/cascade.tsv" --force
 if [ -f "$ROUTER/config.json" ] && [ "${ROUTER_MODE:-compose}" = compose ]; then
-  dualrs-route compose --router "$ROUTER" --scores "$RESULTS/router-scores.npz" "${experts[@]}" --alpha 0.001 \
+  routed=()  # the router's own experts, in its order (ROUTER_SIGMAS: a grouped router routes to fewer)
+  for s in ${ROUTER_SIGMAS:-0.25 0.5 1.0}; do routed+=(--expert-results "$RESULTS/expert-$s.tsv"); done
+  dualrs-route compose --router "$ROUTER" --scores "$RESULTS/router-scores.npz" "${routed[@]}" --alpha 0.001 \
     --out "$RESULTS/router.tsv" --force
 fi
 if [ ! -f "$ROUTER/config.json" ]; then exit 0; fi

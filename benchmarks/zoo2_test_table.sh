@@ -6,7 +6,7 @@
 #   test-table.md     dualrs-route analyze: each expert, the cascade, the router (plain dual and with sets),
 #                     the envelope, the oracle and the share of the oracle's gain each router row captures
 #   bottleneck.txt    dualrs-route router-report --results: how often R_sigma < R_c
-# Usage: bash benchmarks/zoo2_test_table.sh      (RESULTS=folder TAU=0.05 ROUTER=folder)
+# Usage: bash benchmarks/zoo2_test_table.sh      (RESULTS=folder TAU=0.05 ROUTER=folder ROUTER_SIGMAS="0.25 0.5 1.0")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results/cifar10}
@@ -16,8 +16,8 @@ ROUTER=${ROUTER:-$(head -1 "$choice")}
 for f in expert-0.25.tsv expert-0.5.tsv expert-1.0.tsv cascade.tsv router.tsv; do
   [ -f "$RESULTS/$f" ] || { echo "error: no $RESULTS/$f; run: STEPS=certify bash benchmarks/zoo2_pipeline.sh" >&2; exit 1; }
 done
-experts=(--expert-results "$RESULTS/expert-0.25.tsv" --expert-results "$RESULTS/expert-0.5.tsv"
-         --expert-results "$RESULTS/expert-1.0.tsv")
+experts=()  # the router's own experts, in its order (ROUTER_SIGMAS: a grouped router routes to fewer)
+for s in ${ROUTER_SIGMAS:-0.25 0.5 1.0}; do experts+=(--expert-results "$RESULTS/expert-$s.tsv"); done
 if [ ! -f "$RESULTS/router-sets.tsv" ]; then
   [ -f "$RESULTS/router-scores.npz" ] || { echo "error: no $RESULTS/router-scores.npz (git-ignored: 60 MB); rerun the" \
     "certify step to score the router again" >&2; exit 1; }
