@@ -14,7 +14,9 @@ Candidates per router (each replayed as dual CERTIFY and with router sets at ``-
              (``0.5>0.25``: votes for sigma 0.5 count for sigma 0.25). The base classifier "argmax, then map" is
              deterministic, so the smoothed router and its certificate are those of any other router; with two
              experts a router set holds both, so R_S is infinite and a set row is min(R_a, R_b) where both agree.
-and the constant routers (every image to one expert, the alpha split paid), which any router must beat.
+and the constant routers (every image to one expert, the alpha split paid), which any router must beat. Each row
+also gives the standard error of its paired gap to the best constant router (per-image differences, as
+``paired_gap.py``): the resolution of a choice on these 500 images.
 
 Usage:
   python benchmarks/unseen_replay.py --scores NAME=S.npz [--scores ...] --expert-results E0.tsv --expert-results E1.tsv \
@@ -57,7 +59,19 @@ def replay(scores, stages, merge, scale: int, *, alpha: float, beta: float, tau:
     plain = calibrate.simulate(stand_in, experts, offsets, alpha=alpha, beta=beta, counts=counts)
     sets = calibrate.simulate_sets(stand_in, experts, offsets, alpha=alpha, beta=beta, tau=tau, counts=counts)
     return {"plain": calibrate.acr(plain), "sets": calibrate.acr(sets),
-            "routes": np.bincount(plain["expert"] + 1, minlength=len(experts) + 1)[1:].tolist()}
+            "routes": np.bincount(plain["expert"] + 1, minlength=len(experts) + 1)[1:].tolist(),
+            "per_image": {"plain": per_image(plain), "sets": per_image(sets)}}
+
+
+def per_image(result: dict) -> np.ndarray:
+    """Each image's share of the ACR: its radius where correct, else 0."""
+    return result["radius"] * result["correct"]
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(b - a) over images (benchmarks/paired_gap.py)."""
+    d = b - a
+    return float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def main() -> None:
@@ -76,22 +90,29 @@ def main() -> None:
         scores = calibrate.load_scores(path)
         stages = [calibrate.load_expert_stage(p, scores) for p in args.expert_results]
         if "constant" not in table:
-            table["constant"] = {f"{name}, x{s}": calibrate.acr(r) for s in args.scale for name, r in
-                                 calibrate.constant_routers(scores, stages, alpha=a, beta=beta, scale=s).items()}
+            table["constant"], best = {}, {}
+            for s in args.scale:
+                results = calibrate.constant_routers(scores, stages, alpha=a, beta=beta, scale=s)
+                table["constant"].update({f"{k}, x{s}": calibrate.acr(r) for k, r in results.items()})
+                best[s] = per_image(max(results.values(), key=calibrate.acr))
         for merge_name, merge in MERGES.items():
             for s in args.scale:
-                table.setdefault(name, {})[f"{merge_name}, x{s}"] = replay(scores, stages, merge, s, alpha=a,
-                                                                           beta=beta, tau=args.tau)
-    print(f"| router | merge | scale | dual ACR | sets ACR (tau {args.tau:g}) | routes |")
-    print("|---|---|---|---|---|---|")
+                r = replay(scores, stages, merge, s, alpha=a, beta=beta, tau=args.tau)
+                images = r.pop("per_image")
+                r["se"] = {kind: paired_se(best[s], images[kind]) for kind in images}
+                table.setdefault(name, {})[f"{merge_name}, x{s}"] = r
+    print(f"| router | merge | scale | dual ACR | sets ACR (tau {args.tau:g}) | se of the gap to the best constant "
+          "(dual / sets) | routes |")
+    print("|---|---|---|---|---|---|---|")
     for name, rows in table.items():
         if name == "constant":
             continue
         for key, r in rows.items():
             merge_name, _, s = key.partition(", ")
-            print(f"| {name} | {merge_name} | {s} | {r['plain']:.4f} | {r['sets']:.4f} | {'/'.join(map(str, r['routes']))} |")
+            print(f"| {name} | {merge_name} | {s} | {r['plain']:.4f} | {r['sets']:.4f} | {r['se']['plain']:.4f} / "
+                  f"{r['se']['sets']:.4f} | {'/'.join(map(str, r['routes']))} |")
     for key, v in table["constant"].items():
-        print(f"| constant | {key} | | {v:.4f} | | |")
+        print(f"| constant | {key} | | {v:.4f} | | | |")
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1) + "\n")
 

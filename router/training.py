@@ -425,10 +425,13 @@ def _file_sha256(path) -> str:
 
 
 def quantiles(values, qs=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)) -> dict:
+    """Quantiles, interpolated; with infinite values (a router set that holds every expert has R_sigma = inf)
+    the sample quantile itself (``inverted_cdf``), since interpolating between infinities gives nan."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return {}
-    return {f"q{round(100 * q):02d}": round(float(np.quantile(values, q)), 4) for q in qs}
+    method = "linear" if np.isfinite(values).all() else "inverted_cdf"
+    return {f"q{round(100 * q):02d}": round(float(np.quantile(values, q, method=method)), 4) for q in qs}
 
 
 def routing_diagnostics(radii, choices) -> dict:

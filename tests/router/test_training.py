@@ -17,7 +17,8 @@ from dualrs_route.experts.errors import DataError, IncompatibleModelsError
 from dualrs_route.experts.folders import load_folder
 from dualrs_route.router.dual import load_router_set
 from dualrs_route.router.labels import compute_labels, load_labels, routable
-from dualrs_route.router.training import (bottleneck_report, class_weights, consistency_loss, consistency_terms, lr_milestones,
+from dualrs_route.router.training import (bottleneck_report, class_weights, consistency_loss, consistency_terms, format_report,
+                             lr_milestones,
                              router_loss, routing_diagnostics, soft_cross_entropy, soft_labels, train_router)
 from rs_oracle import write_linear_folder
 
@@ -145,6 +146,14 @@ def test_bottleneck_report_from_results_tsv(tmp_path):
     assert report["both_certified"] == 3
     assert report["router_abstained"] == 1 and report["expert_abstained"] == 1
     assert report["router_bottleneck_share"] == pytest.approx(2 / 3, abs=1e-4)
+    # a set row that holds every expert has R_sigma = inf: quantiles stay numbers (no nan from inf - inf)
+    sets = tmp_path / "sets.tsv"
+    sets.write_text(header + "\n" + "\n".join(rows) + "\n" + "\n".join(
+        f"{5 + i}\t1\t1\t0.5\t1\t0.1\t0:a\t0.25\tinf\t0.5\t1.0\t0.9\t10\t10" for i in range(7)) + "\n")
+    report = bottleneck_report(str(sets))
+    q = report["delta_r_sigma_quantiles"]
+    assert report["both_certified"] == 10 and not any(np.isnan(v) for v in q.values())
+    assert q["q10"] == pytest.approx(-0.2) and q["q50"] == np.inf and "inf" in format_report({"bottleneck": report})
     plain = tmp_path / "plain.tsv"
     plain.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0.1\n")
     with pytest.raises(DataError, match="radius_router"):
