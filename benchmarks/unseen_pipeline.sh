@@ -32,6 +32,8 @@
 #   u-se1.0-l80-n10k  the same on labels re-scored at N = 10,000 (benchmarks/rescale_labels.py; not in the default VARIANTS)
 #   u-p8-se1.0-l80 / u-p8-se2.0   pooled_mlp routers on 4x4 block means (as pooled_routers.sh)
 #   u-p8-se1.0-l80-n10k / u-p8-se2.0-n10k   the same on the re-scored labels
+#   u-p8-se1.0-l80-n10k-rw / u-p8-se2.0-n10k-rw   the same with --regret-weights (each image weighted by its radius
+#                     spread over the experts; added after both choices' test runs: VARIANTS must name them)
 # Usage: bash benchmarks/unseen_pipeline.sh        (STEPS=... VARIANTS=... HN=1000 THREADS=2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,6 +85,10 @@ train() {  # train NAME: the variant's train-router command
     u-p8-se2.0) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 2.0 --lambda 20 ;;
     u-p8-se1.0-l80-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
     u-p8-se2.0-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${pooled[@]}" --sigma-e 2.0 --lambda 20 ;;
+    u-p8-se1.0-l80-n10k-rw) set -- --labels "$OUT/labels-lab-n10k.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 \
+      --regret-weights ;;
+    u-p8-se2.0-n10k-rw) set -- --labels "$OUT/labels-lab-n10k.npz" "${pooled[@]}" --sigma-e 2.0 --lambda 20 \
+      --regret-weights ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
   dualrs-route train-router "$@" "${CR[@]}" --eta 0.5 --temperature 0.1 --seed 0 --threads "$THREADS" --data "$DATA" \

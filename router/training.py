@@ -99,6 +99,17 @@ def consistency_loss(logits, lam: float = DEFAULT_LAMBDA, eta: float = DEFAULT_E
     return lam * kl + eta * entropy
 
 
+def regret_weights(radii) -> np.ndarray:
+    """float32 [n]: each image's largest regret max_k R_k - min_k R_k (the radius lost by the worst choice),
+    divided by its mean over the images: routing matters little where the experts tie and much where one
+    certifies far beyond another (sigma 1.0 at 3.0 against 0.8), which the plain loss weighs alike."""
+    radii = np.asarray(radii, dtype=np.float64)
+    spread = radii.max(axis=1) - radii.min(axis=1)
+    if radii.ndim != 2 or not (spread.mean() > 0):
+        raise ValueError("regret weights need label radii [n, K] that differ somewhere")
+    return (spread / spread.mean()).astype(np.float32)
+
+
 def soft_cross_entropy(logits, targets):
     """float [B]: mean over the M copies of -sum_k y_k log p_{m,k}; logits [M, B, K], targets [B, K]."""
     import torch
@@ -188,8 +199,11 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
                  temperature: float = 1.0, balance: bool = True, seed: int = 0, data: str | None = None,
                  augment: bool | None = None, threads: int | None = None,
                  holdout: str | None = None, report_n: int = 100, overwrite: bool = False, command: str = "",
-                 device: str = "cpu", precision: str = "fp32", log: Callable[[str], None] | None = print) -> Path:
+                 device: str = "cpu", precision: str = "fp32", regret: bool = False,
+                 log: Callable[[str], None] | None = print) -> Path:
     """Train a router on ``labels`` for ``experts`` and write the router folder ``out``.
+
+    ``regret``: multiply each image's weight by :func:`regret_weights` (its radius spread over the experts).
 
     ``labels`` is one labels file or several of disjoint images (merged by
     :func:`router.labels.merge_labels`). ``init`` (a model folder reference) starts the
@@ -266,6 +280,8 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
     weights, per_expert = class_weights(best, len(folders))
     if not balance:
         weights, per_expert = np.ones_like(weights), np.ones_like(per_expert)
+    if regret:
+        weights = weights * regret_weights(radii)
     targets = soft_labels(radii, temperature)
     k_experts = len(folders)
     log(f"{len(images)} of {len(label_set.indices)} images routable; best-expert shares "
@@ -290,6 +306,8 @@ def train_router(*, labels: str | Sequence[str], experts: Sequence[str], out: st
         settings["device_type"] = dev.type
     if precision != "fp32":  # fp32 runs keep the settings (and checkpoints) of earlier versions
         settings["precision"] = precision
+    if regret:  # likewise: only set where used
+        settings["regret_weights"] = True
     torch.manual_seed(seed)
     try:
         model = build_model(arch, num_classes=k_experts, input_shape=cfg0.input_shape, mean=cfg0.mean, std=cfg0.std,

@@ -124,6 +124,9 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
               help="Soft labels softmax(R / T); T = 1 is the paper's exp(R_k) rule, smaller T is sharper.")
 @click.option("--class-balance/--no-class-balance", "balance", default=True, show_default=True,
               help="Weight each image by 1/q_k of its best expert k (the paper's rule).")
+@click.option("--regret-weights", "regret", is_flag=True,
+              help="Also weight each image by its radius spread max_k R_k - min_k R_k (normalised to mean 1): "
+                   "the radius a wrong choice can lose there.")
 @click.option("--augment/--no-augment", default=None, help="Random crop + flip (default: on for 32x32 RGB).")
 @click.option("--data", default=None, metavar="PATH", help="Data location (default: the one in the labels file).")
 @click.option("--holdout", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -140,8 +143,8 @@ def labels_command(experts, dataset, data, split, n0, n, alpha, max_images, frac
 @click.option("--force", is_flag=True, help="Replace an existing model folder.")
 @click.option("--quiet", is_flag=True)
 def train_router_command(labels_files, experts, arch, arch_args, init, sigma_e, epochs, batch, lr, weight_decay, lam, eta,
-                         temperature, balance, augment, data, holdout, report_n, seed, threads, device, precision, out,
-                         force, quiet):
+                         temperature, balance, regret, augment, data, holdout, report_n, seed, threads, device, precision,
+                         out, force, quiet):
     """Train a Dual RS router on a labels file and write a router folder.
 
     Soft labels softmax(R), class weights 1/q_k, and the consistency loss
@@ -169,7 +172,7 @@ def train_router_command(labels_files, experts, arch, arch_args, init, sigma_e, 
                         epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, lam=lam, eta=eta,
                         temperature=temperature, balance=balance, seed=seed,
                         data=data, augment=augment, threads=threads, holdout=holdout, report_n=report_n,
-                        overwrite=force, command=_command_line(), device=device, precision=precision,
+                        overwrite=force, command=_command_line(), device=device, precision=precision, regret=regret,
                         log=None if quiet else click.echo)
     click.echo(f"wrote {path}")
 

@@ -291,6 +291,35 @@ def test_train_router_records_temperature_and_unbalanced_weights(tiny_labels):
     assert list(weights.values()) == pytest.approx([1 / q if q else 0.0 for q in share], abs=1e-3)
 
 
+def test_regret_weights_by_hand():
+    from dualrs_route.router.training import regret_weights
+
+    radii = np.array([[0.8, 1.6, 3.2], [0.5, 0.5, 0.5], [0.0, 0.2, 0.0]])  # spreads 2.4, 0, 0.2: mean 2.6 / 3
+    assert regret_weights(radii).tolist() == pytest.approx([2.4 * 3 / 2.6, 0.0, 0.2 * 3 / 2.6])
+    with pytest.raises(ValueError, match="differ"):
+        regret_weights(np.ones((3, 2)))
+
+
+def test_train_router_regret_weights_change_training_and_are_recorded(tiny_labels, monkeypatch):
+    import dualrs_route.router.training as training
+
+    experts, labels, _, tmp = tiny_labels
+    seen = []
+    real = training.router_loss
+    monkeypatch.setattr(training, "router_loss", lambda logits, targets, weights, *args: (
+        seen.append(weights.detach().clone()), real(logits, targets, weights, *args))[1])
+    plain = train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "p"), arch="linear",
+                         epochs=1, batch=10_000, augment=False, log=None)
+    weighted = train_router(labels=str(labels), experts=[str(e) for e in experts], out=str(tmp / "r"), arch="linear",
+                            epochs=1, batch=10_000, augment=False, regret=True, log=None)
+    assert json.loads((weighted / "config.json").read_text())["training"]["regret_weights"] is True
+    assert "regret_weights" not in json.loads((plain / "config.json").read_text())["training"]
+    radii = load_labels(labels).radii[routable(load_labels(labels).radii)]
+    ratio = (seen[-1] / seen[0]).numpy()  # one batch of every image, the same order (same seed)
+    spread = radii.max(1) - radii.min(1)
+    assert sorted(ratio.tolist()) == pytest.approx(sorted((spread / spread.mean()).tolist()), rel=1e-5)
+
+
 def test_train_router_refuses_all_zero_labels(tiny_labels):
     experts, labels, _, tmp = tiny_labels
     data = dict(np.load(labels, allow_pickle=False))
