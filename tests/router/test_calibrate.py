@@ -436,3 +436,37 @@ def test_grouped_router_certifies_what_the_merged_votes_replay(routed_set):
             np.testing.assert_allclose(table.radius, expected["radius"], atol=1e-6)
     with pytest.raises(ValueError, match="two different experts"):
         write_grouped_router(load_folder(str(router)), [load_folder(str(e)) for e in experts], tmp_path / "bad", {0: 0})
+
+
+def test_unseen_replay_script_rows_are_the_replayed_certificates(routed_set):
+    """benchmarks/unseen_replay.py: its K3 row at x1 is simulate / simulate_sets of the scores, a merge row is the
+    replay of the merged votes, and the constant rows are constant_routers'."""
+    import subprocess
+    import sys
+
+    from dualrs_route.router.calibrate import (acr, constant_routers, load_expert_stage, merged_votes, router_votes,
+                                               scaled, simulate_sets)
+
+    tmp_path, experts, router, data = routed_set
+    tsvs = [str(p) for p in certify_experts(tmp_path, experts, data, n0=20, n=200, alpha=0.002)]
+    scores_path = tmp_path / "scores.npz"
+    r = invoke("router-scores", "--router", router, "--dataset", f"npz:{data}", "--router-N0", 20, "--router-N", 200,
+               "--seed", 3, "--engine", "torch", "--quiet", "--out", scores_path)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "replay.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "unseen_replay.py"), "--scores", f"lin={scores_path}",
+                    *sum((["--expert-results", p] for p in tsvs), []), "--alpha", "0.002", "--scale", "1", "3",
+                    "--tau", "0.2", "--json", str(out)], check=True, capture_output=True)
+    table = json.loads(out.read_text())
+    scores = load_scores(scores_path)
+    stages = [load_expert_stage(p, scores) for p in tsvs]
+    a = b = 0.001
+    assert table["lin"]["K3, x1"]["plain"] == pytest.approx(acr(simulate(scores, stages, np.zeros(3), alpha=a, beta=b)))
+    assert table["lin"]["K3, x1"]["sets"] == pytest.approx(
+        acr(simulate_sets(scores, stages, np.zeros(3), alpha=a, beta=b, tau=0.2)))
+    votes = tuple(merged_votes(v, {1: 0}) for v in router_votes(scores, np.zeros(3)))
+    stand_in, kept, counts = scaled(scores, [stages[0], stages[2]], votes, 3)
+    assert table["lin"]["0.5>0.25, x3"]["plain"] == pytest.approx(
+        acr(simulate(stand_in, kept, np.zeros(2), alpha=a, beta=b, counts=counts)))
+    constants = constant_routers(scores, stages, alpha=a, beta=b, scale=3)
+    assert [table["constant"][f"{k}, x3"] for k in constants] == pytest.approx([acr(v) for v in constants.values()])
