@@ -324,15 +324,18 @@ class GroupedOutputs(nn.Module):
 
 
 @register("grouped_outputs")
-def grouped_outputs(num_classes: int, in_channels: int, input_shape, base: str, base_args: dict | None = None,
-                    base_classes: int = 3, groups: str = "0,1,2") -> nn.Module:
-    """A router over groups of another router's outputs (:class:`GroupedOutputs`)."""
+def grouped_outputs(num_classes: int, in_channels: int, input_shape, base: str = "linear",
+                    base_args: dict | None = None, base_classes: int | None = None,
+                    groups: str | None = None) -> nn.Module:
+    """A router over groups of another router's outputs (:class:`GroupedOutputs`). Defaults: ``base_classes`` =
+    ``num_classes`` and one group per output (the identity)."""
     if base not in _REGISTRY or base == "grouped_outputs":
         raise KeyError(f"unknown base architecture {base!r}; known: {', '.join(available())}")
-    parsed = parse_groups(groups, int(base_classes))
+    base_classes = int(num_classes if base_classes is None else base_classes)
+    parsed = parse_groups(",".join(str(i) for i in range(base_classes)) if groups is None else groups, base_classes)
     if len(parsed) != num_classes:
         raise ValueError(f"grouped_outputs: {len(parsed)} groups for {num_classes} router classes")
-    network = _REGISTRY[base](num_classes=int(base_classes), in_channels=in_channels, input_shape=input_shape,
+    network = _REGISTRY[base](num_classes=base_classes, in_channels=in_channels, input_shape=input_shape,
                               **(base_args or {}))
     return GroupedOutputs(network, parsed)
 

@@ -436,6 +436,12 @@ def test_grouped_router_certifies_what_the_merged_votes_replay(routed_set):
             np.testing.assert_allclose(table.radius, expected["radius"], atol=1e-6)
     with pytest.raises(ValueError, match="two different experts"):
         write_grouped_router(load_folder(str(router)), [load_folder(str(e)) for e in experts], tmp_path / "bad", {0: 0})
+    from dualrs_route.experts.architectures import parse_groups
+
+    assert parse_groups("0,1+2", 3) == [[0], [1, 2]]
+    for bad in ("0+0,1", "0,3", "a,b"):
+        with pytest.raises(ValueError, match="groups"):
+            parse_groups(bad, 3)
 
 
 def test_unseen_replay_script_rows_are_the_replayed_certificates(routed_set):
