@@ -523,7 +523,7 @@ def write_grouped_router(folder, experts, out: str | os.PathLike, merges: dict[i
     groups, kept = merge_groups(cfg.num_classes, merges)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     args = {"base": cfg.architecture, "base_args": dict(cfg.architecture_args), "base_classes": int(cfg.num_classes),
             "groups": ",".join("+".join(str(v) for v in g) for g in groups)}
     model = build_model("grouped_outputs", num_classes=len(kept), input_shape=tuple(cfg.input_shape), mean=cfg.mean,
