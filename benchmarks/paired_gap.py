@@ -31,6 +31,12 @@ def per_image(path: str) -> tuple[np.ndarray, np.ndarray]:
                                                   np.asarray(table.radius, dtype=np.float64)[order], 0.0)
 
 
+def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(b - a) over images: std(d) / sqrt(n), d the per-image differences."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    return float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
 def paired_gap(a: np.ndarray, b: np.ndarray, *, bootstrap: int = 10_000, seed: int = 0) -> dict:
     """mean(b - a), its standard error and a 95% percentile-bootstrap interval over images."""
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
@@ -38,7 +44,7 @@ def paired_gap(a: np.ndarray, b: np.ndarray, *, bootstrap: int = 10_000, seed: i
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, n, size=(bootstrap, n))].mean(axis=1)
     lo, hi = np.quantile(means, [0.025, 0.975])
-    return {"gap": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(n)), "ci95": (float(lo), float(hi)), "n": n}
+    return {"gap": float(d.mean()), "se": paired_se(a, b), "ci95": (float(lo), float(hi)), "n": n}
 
 
 def main() -> None:

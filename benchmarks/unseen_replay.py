@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualrs_route.router import calibrate  # noqa: E402
 from dualrs_route.router.dual import split_alpha  # noqa: E402
+from paired_gap import paired_se  # noqa: E402  (benchmarks/, this script's folder)
 
 MERGES = {"K3": None, "0.5>0.25": {1: 0}, "0.5>1.0": {1: 2}, "0.25>0.5": {0: 1}}
 
@@ -66,12 +67,6 @@ def replay(scores, stages, merge, scale: int, *, alpha: float, beta: float, tau:
 def per_image(result: dict) -> np.ndarray:
     """Each image's share of the ACR: its radius where correct, else 0."""
     return result["radius"] * result["correct"]
-
-
-def paired_se(a: np.ndarray, b: np.ndarray) -> float:
-    """Standard error of mean(b - a) over images (benchmarks/paired_gap.py)."""
-    d = b - a
-    return float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def main() -> None:

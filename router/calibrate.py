@@ -491,14 +491,23 @@ def write_calibrated_router(folder, experts, out: str | os.PathLike, offsets, re
     config = dataclasses.replace(folder.config, logit_offsets=tuple(float(v) for v in offsets),
                                  experts=tuple(portable_reference(e, out) for e in experts), name=out.name,
                                  extra=dict(folder.config.extra, calibration=record))
-    tmp = out.with_name(out.name + ".tmp-calibrate")
+
+    def fill(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        for item in folder.path.iterdir():
+            if item.is_file() and item.name != CONFIG_FILE and not item.name.endswith(".md"):
+                shutil.copy2(item, tmp / item.name)
+        save_folder(tmp, config)
+
+    return _replace_folder(out, "calibrate", fill)
+
+
+def _replace_folder(out: Path, tag: str, fill: Callable[[Path], None]) -> Path:
+    """Write a model folder through a temporary sibling (``fill(tmp)``), then put it in place of ``out``."""
+    tmp = out.with_name(out.name + f".tmp-{tag}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for item in folder.path.iterdir():
-        if item.is_file() and item.name != CONFIG_FILE and not item.name.endswith(".md"):
-            shutil.copy2(item, tmp / item.name)
-    save_folder(tmp, config)
+    fill(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -515,7 +524,7 @@ def write_grouped_router(folder, experts, out: str | os.PathLike, merges: dict[i
     from dualrs_route.experts.architectures import build_model
     from dualrs_route.experts.folders import save_folder
 
-    from .training import portable_reference
+    from .training import init_from_folder, portable_reference
 
     cfg = folder.config
     if cfg.logit_offsets is not None:
@@ -528,21 +537,15 @@ def write_grouped_router(folder, experts, out: str | os.PathLike, merges: dict[i
             "groups": ",".join("+".join(str(v) for v in g) for g in groups)}
     model = build_model("grouped_outputs", num_classes=len(kept), input_shape=tuple(cfg.input_shape), mean=cfg.mean,
                         std=cfg.std, **args)
-    source = folder.load_torch_model().state_dict()
-    model.load_state_dict({k: source[k.replace(".base.", ".", 1)] for k in model.state_dict()})
+    fresh = init_from_folder(model, folder)  # the source's network becomes base.*, every tensor copied
+    if fresh:
+        raise DataError(f"{folder.reference}: tensors {fresh[:4]} have no counterpart in the grouped router")
     config = dataclasses.replace(cfg, architecture="grouped_outputs", architecture_args=args, num_classes=len(kept),
                                  class_names=None if cfg.class_names is None else tuple(cfg.class_names[k] for k in kept),
                                  experts=tuple(portable_reference(experts[k], out) for k in kept), name=out.name,
                                  extra=dict(cfg.extra, grouped={"source": folder.reference,
                                                                 "merges": {str(j): int(k) for j, k in merges.items()}}))
-    tmp = out.with_name(out.name + ".tmp-group")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_folder(tmp, config, model.eval())
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return _replace_folder(out, "group", lambda tmp: save_folder(tmp, config, model.eval()))
 
 
 def merge_groups(num_experts: int, merges: dict[int, int]) -> tuple[list[list[int]], list[int]]:
