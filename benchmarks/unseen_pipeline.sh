@@ -34,6 +34,9 @@
 #   u-p8-se1.0-l80-n10k / u-p8-se2.0-n10k   the same on the re-scored labels
 #   u-p8-se1.0-l80-n10k-rw / u-p8-se2.0-n10k-rw   the same with --regret-weights (each image weighted by its radius
 #                     spread over the experts; added after both choices' test runs: VARIANTS must name them)
+#   u-se1.0-l80-mg    u-se1.0-l80's recipe on margin labels (benchmarks/margin_labels.py: the sigma 1.0 expert's mean
+#                     softmax margin on the lab images, regressed on the re-scored labels; eighth session, after every
+#                     test run above: VARIANTS must name it)
 # Usage: bash benchmarks/unseen_pipeline.sh        (STEPS=... VARIANTS=... HN=1000 THREADS=2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +71,20 @@ mkdir -p "$RW"
 if has routers && [ ! -f "$OUT/labels-lab-n10k.npz" ]; then
   python benchmarks/rescale_labels.py "$OUT/labels-lab.npz" "$OUT/labels-lab-n10k.npz" --n 10000
 fi
+if has routers && [[ " $VARIANTS " == *" u-se1.0-l80-mg "* ]] && [ ! -f "$OUT/labels-lab-mg.npz" ]; then
+  # the sigma 1.0 probe (as the rule step's) on the lab images, 32 noisy copies each, then the margin labels
+  probe=$WORK/probe-se1.0
+  if [ ! -f "$probe/model.onnx" ]; then
+    python benchmarks/rule_router.py probe --expert ${X}1.0 --sigma-e 1.0 --experts ${X}0.25 ${X}0.5 ${X}1.0 \
+      --out "$probe" > /dev/null
+    dualrs-route export "$probe" --to onnx
+  fi
+  [ -f "$WORK/probe-lab.npz" ] || dualrs-route router-scores --router "$probe" --dataset "npz:$WORK/lab.npz" \
+    --router-N0 1 --router-N 32 --seed 0 --batch 400 --engine onnxruntime --threads "$THREADS" --quiet \
+    --out "$WORK/probe-lab.npz"
+  python benchmarks/margin_labels.py --labels "$OUT/labels-lab-n10k.npz" --probe "$WORK/probe-lab.npz" \
+    --out "$OUT/labels-lab-mg.npz" --temperature 0.1 | tee "$OUT/labels-lab-mg.txt"
+fi
 PRECISION=fp32
 if python3 -c "import sys; from dualrs_route.experts.training import bf16_supported; sys.exit(not bf16_supported())"; then
   PRECISION=bf16
@@ -81,6 +98,7 @@ train() {  # train NAME: the variant's train-router command
   case $1 in
     u-se1.0-l80) set -- --labels "$OUT/labels-lab.npz" "${resnet[@]}" ;;
     u-se1.0-l80-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" ;;
+    u-se1.0-l80-mg) set -- --labels "$OUT/labels-lab-mg.npz" "${resnet[@]}" ;;
     u-p8-se1.0-l80) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
     u-p8-se2.0) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 2.0 --lambda 20 ;;
     u-p8-se1.0-l80-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
