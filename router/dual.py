@@ -174,13 +174,19 @@ class DualCertifier:
             return self._certify_sets(x, n0=n0, n=n, alpha=alpha, router_n0=router_n0, router_n=router_n, beta=beta,
                                       seed=seed, index=index)
         routed = self.router.certify(x, n0=router_n0, n=router_n, alpha=beta, seed=seed, index=index)
+        return self._routed_row(routed, x, n0=n0, n=n, alpha=alpha, seed=seed, index=index)
+
+    def _routed_row(self, routed: Certificate, x, *, n0, n, alpha, seed, index, members=None,
+                    proof=None) -> RoutedCertificate:
+        """The row of a router certificate: the routed expert's CERTIFY and min(R_sigma, R_c), or abstain."""
         if routed.abstained:
-            return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None)
+            return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None, members, proof)
         expert = routed.prediction
         result = self._stage_experts[expert].certify(x, n0=n0, n=n, alpha=alpha, seed=seed, index=index)
         if result.abstained:
-            return RoutedCertificate(ABSTAIN, 0.0, expert, routed, result)
-        return RoutedCertificate(result.prediction, min(routed.radius, result.radius), expert, routed, result)
+            return RoutedCertificate(ABSTAIN, 0.0, expert, routed, result, members, proof)
+        return RoutedCertificate(result.prediction, min(routed.radius, result.radius), expert, routed, result,
+                                 members, proof)
 
     def _certify_sets(self, x, *, n0, n, alpha, router_n0, router_n, beta, seed, index) -> RoutedCertificate:
         """Dual CERTIFY with set-valued router certificates (router/sets.py): the same draws as
@@ -191,15 +197,10 @@ class DualCertifier:
         estimate = self.router.estimation_counts(x, n=router_n, seed=seed, index=index)
         members = set_members(selection, self.set_tau)
         top = int(np.argmax(selection))
-        if members.sum() == 1:
+        if members.sum() == 1:  # dual CERTIFY's row (no shared noise here: the constructor refuses it)
             routed = certify_from_counts(top, int(estimate[top]), int(router_n), self.router.sigma, beta)
-            if routed.abstained:
-                return RoutedCertificate(ABSTAIN, 0.0, ABSTAIN, routed, None, (top,), "dual")
-            result = self.experts[top].certify(x, n0=n0, n=n, alpha=alpha, seed=seed, index=index)
-            if result.abstained:
-                return RoutedCertificate(ABSTAIN, 0.0, top, routed, result, (top,), "dual")
-            return RoutedCertificate(result.prediction, min(routed.radius, result.radius), top, routed, result, (top,),
-                                     "dual")
+            return self._routed_row(routed, x, n0=n0, n=n, alpha=alpha, seed=seed, index=index, members=(top,),
+                                    proof="dual")
         count_in = int(estimate[members].sum())
         outcome = certify_set(members, top, int(estimate[top]), count_in, int(router_n), beta=beta, alpha=alpha,
                               sigma_e=self.router.sigma,
