@@ -1,4 +1,4 @@
-"""benchmarks/margin_labels.py: router targets from the sigma 1.0 expert's mean softmax margin."""
+"""benchmarks/margin_labels.py (router targets from the sigma 1.0 expert's mean softmax margin) and router_ranking.py."""
 
 from __future__ import annotations
 
@@ -87,3 +87,25 @@ def test_the_script_writes_a_labels_file_whose_targets_follow_the_margin(tmp_pat
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "margin_labels.py"), "--labels", str(labels_path),
                             "--probe", str(probe_path), "--out", str(out)], capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr  # never overwrites
+
+
+def _ranking():
+    spec = importlib.util.spec_from_file_location("router_ranking", ROOT / "benchmarks" / "router_ranking.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_weighted_auc_against_hand_computed_values():
+    auc = _ranking().weighted_auc
+    # better images score 3 (w 1) and 1 (w 2); others 2 (w 1) and 1 (w 1); a weight-0 row must not count.
+    # pairs: (3,2) win 1*1, (3,1) win 1*1, (1,2) loss 2*1, (1,1) tie 2*1*0.5 -> (1 + 1 + 0 + 1) / (3 * 2) = 0.5
+    score = np.array([3.0, 1.0, 2.0, 1.0, 99.0])
+    better = np.array([1, 1, 0, 0, 0])
+    weight = np.array([1.0, 2.0, 1.0, 1.0, 0.0])
+    assert auc(score, better, weight) == pytest.approx(0.5)
+    assert auc(-score[:4] + 10, better[:4], weight[:4]) == pytest.approx(0.5)  # symmetric here
+    assert auc(np.array([2.0, 2.0, 1.0]), np.array([1, 1, 0]), np.ones(3)) == 1.0
+    assert auc(np.array([1.0, 2.0]), np.array([1, 0]), np.ones(2)) == 0.0
+    with pytest.raises(ValueError):
+        auc(np.array([1.0, 2.0]), np.array([1, 1]), np.ones(2))
