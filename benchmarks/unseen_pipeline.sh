@@ -37,6 +37,7 @@
 #   u-se1.0-l80-mg    u-se1.0-l80's recipe on margin labels (benchmarks/margin_labels.py: the sigma 1.0 expert's mean
 #                     softmax margin on the lab images, regressed on the re-scored labels; eighth session, after every
 #                     test run above: VARIANTS must name it)
+#   u-se1.0-l80-n10k-rw  u-se1.0-l80-n10k with --regret-weights (ninth session; VARIANTS must name it)
 # Usage: bash benchmarks/unseen_pipeline.sh        (STEPS=... VARIANTS=... HN=1000 THREADS=2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,6 +100,7 @@ train() {  # train NAME: the variant's train-router command
     u-se1.0-l80) set -- --labels "$OUT/labels-lab.npz" "${resnet[@]}" ;;
     u-se1.0-l80-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" ;;
     u-se1.0-l80-mg) set -- --labels "$OUT/labels-lab-mg.npz" "${resnet[@]}" ;;
+    u-se1.0-l80-n10k-rw) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" --regret-weights ;;
     u-p8-se1.0-l80) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
     u-p8-se2.0) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 2.0 --lambda 20 ;;
     u-p8-se1.0-l80-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
