@@ -169,7 +169,7 @@ out = sys.argv[1]
 table = json.load(open(f"{out}/replay.json"))
 est = {}
 for v, rows in table.items():
-    if v == "constant":
+    if v.startswith("constant"):
         continue
     for key, r in rows.items():
         merge, _, scale = key.partition(", ")

@@ -16,7 +16,8 @@ Candidates per router (each replayed as dual CERTIFY and with router sets at ``-
              experts a router set holds both, so R_S is infinite and a set row is min(R_a, R_b) where both agree.
 and the constant routers (every image to one expert, the alpha split paid), which any router must beat. Each row
 also gives the standard error of its paired gap to the best constant router (per-image differences, as
-``paired_gap.py``): the resolution of a choice on these 500 images.
+``paired_gap.py``): the resolution of a choice on these 500 images, and each certificate's ACR on the two split
+halves of the images (even and odd positions in idx order; ninth session), for the declared split-half checks.
 
 Usage:
   python benchmarks/unseen_replay.py --scores NAME=S.npz [--scores ...] --expert-results E0.tsv --expert-results E1.tsv \
@@ -69,6 +70,12 @@ def per_image(result: dict) -> np.ndarray:
     return result["radius"] * result["correct"]
 
 
+def halves(values: np.ndarray) -> list[float]:
+    """[ACR on the even positions, ACR on the odd positions] of per-image values in idx order."""
+    values = np.asarray(values, dtype=np.float64)
+    return [float(values[0::2].mean()), float(values[1::2].mean())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scores", action="append", required=True, help="NAME=router-scores.npz")
@@ -89,25 +96,30 @@ def main() -> None:
             for s in args.scale:
                 results = calibrate.constant_routers(scores, stages, alpha=a, beta=beta, scale=s)
                 table["constant"].update({f"{k}, x{s}": calibrate.acr(r) for k, r in results.items()})
+                table.setdefault("constant halves", {}).update(
+                    {f"{k}, x{s}": halves(per_image(r)) for k, r in results.items()})
                 best[s] = per_image(max(results.values(), key=calibrate.acr))
         for merge_name, merge in MERGES.items():
             for s in args.scale:
                 r = replay(scores, stages, merge, s, alpha=a, beta=beta, tau=args.tau)
                 images = r.pop("per_image")
                 r["se"] = {kind: paired_se(best[s], images[kind]) for kind in images}
+                r["halves"] = {kind: halves(images[kind]) for kind in images}
                 table.setdefault(name, {})[f"{merge_name}, x{s}"] = r
     print(f"| router | merge | scale | dual ACR | sets ACR (tau {args.tau:g}) | se of the gap to the best constant "
-          "(dual / sets) | routes |")
-    print("|---|---|---|---|---|---|---|")
+          "(dual / sets) | sets ACR, even / odd images | routes |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, rows in table.items():
-        if name == "constant":
+        if name.startswith("constant"):
             continue
         for key, r in rows.items():
             merge_name, _, s = key.partition(", ")
             print(f"| {name} | {merge_name} | {s} | {r['plain']:.4f} | {r['sets']:.4f} | {r['se']['plain']:.4f} / "
-                  f"{r['se']['sets']:.4f} | {'/'.join(map(str, r['routes']))} |")
+                  f"{r['se']['sets']:.4f} | {r['halves']['sets'][0]:.4f} / {r['halves']['sets'][1]:.4f} | "
+                  f"{'/'.join(map(str, r['routes']))} |")
     for key, v in table["constant"].items():
-        print(f"| constant | {key} | | {v:.4f} | | | |")
+        even, odd = table["constant halves"][key]
+        print(f"| constant | {key} | | {v:.4f} | | | {even:.4f} / {odd:.4f} (dual) | |")
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1) + "\n")
 

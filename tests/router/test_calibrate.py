@@ -476,3 +476,10 @@ def test_unseen_replay_script_rows_are_the_replayed_certificates(routed_set):
         acr(simulate(stand_in, kept, np.zeros(2), alpha=a, beta=b, counts=counts)))
     constants = constant_routers(scores, stages, alpha=a, beta=b, scale=3)
     assert [table["constant"][f"{k}, x3"] for k in constants] == pytest.approx([acr(v) for v in constants.values()])
+    # the split halves: the mean per-image value on the even and on the odd positions of the images
+    sets = simulate_sets(scores, stages, np.zeros(3), alpha=a, beta=b, tau=0.2)
+    values = sets["radius"] * sets["correct"]
+    assert table["lin"]["K3, x1"]["halves"]["sets"] == pytest.approx([values[0::2].mean(), values[1::2].mean()])
+    first = next(iter(constants))
+    values = constants[first]["radius"] * constants[first]["correct"]
+    assert table["constant halves"][f"{first}, x3"] == pytest.approx([values[0::2].mean(), values[1::2].mean()])
