@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_engines.py"
 
 
 @pytest.mark.slow
 def test_bench_engines_runs_and_reports_every_engine(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_engines", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("bench_engines")
     out = tmp_path / "engines.json"
     code = module.main(["--expert", str(tmp_path / "missing"), "--data", str(tmp_path / "no-data"), "--threads", "1",
                         "--batch", "50", "--samples", "50", "--repeats", "1", "--warmup", "0", "--peak-seconds", "0.2",
@@ -36,10 +32,7 @@ def test_bench_engines_runs_and_reports_every_engine(tmp_path, capsys):
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_engines", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_engines")
 
 
 def test_bench_engines_gpu_table_needs_a_gpu(tmp_path):

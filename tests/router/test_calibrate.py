@@ -7,7 +7,6 @@ for a linear router); the search must find a known optimum and leave a flat obje
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -29,6 +28,7 @@ from dualrs_route.cli import main
 from dualrs_route.router.results import read_results, summarize
 from cli_checks import certify_experts
 from rs_oracle import write_linear_folder
+from bench_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -339,9 +339,7 @@ def test_router_sets_compose_equals_certify_and_sets_are_used(routed_set, monkey
         assert not out.exists()
     r = invoke("certify", "--expert", experts[0], *common, "--router-sets", 0.2, "--out", tmp_path / "refused.tsv")
     assert r.exit_code != 0 and "only with --router" in r.output
-    spec = importlib.util.spec_from_file_location("router_sets", ROOT / "benchmarks" / "router_sets.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("router_sets")
     sweep = tmp_path / "sweep.json"
     monkeypatch.setattr(sys, "argv", ["router_sets.py", "--router", str(router), "--scores", str(scores), *map(str, results),
                                       "--alpha", "0.002", "--tau", "0.2", "2", "--json", str(sweep)])

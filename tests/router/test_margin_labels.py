@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,13 @@ import pytest
 
 from dualrs_route.router.labels import FORMAT, LabelSet, load_labels, save_labels
 from dualrs_route.router.training import soft_labels
+from bench_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("margin_labels", ROOT / "benchmarks" / "margin_labels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("margin_labels")
 
 
 def test_mean_features_are_the_mean_p1_and_margin_over_every_copy():
@@ -90,10 +87,7 @@ def test_the_script_writes_a_labels_file_whose_targets_follow_the_margin(tmp_pat
 
 
 def _ranking():
-    spec = importlib.util.spec_from_file_location("router_ranking", ROOT / "benchmarks" / "router_ranking.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("router_ranking")
 
 
 def test_weighted_auc_against_hand_computed_values():

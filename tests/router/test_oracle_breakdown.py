@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import beta, norm
 
 from dualrs_route.router.cascade_replay import ExpertCounts
+from bench_scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 ALPHA = 0.001
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("oracle_breakdown", ROOT / "benchmarks" / "oracle_breakdown.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("oracle_breakdown")
 
 
 def _expert(sigma, rows):

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("paired_gap", ROOT / "benchmarks" / "paired_gap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paired_gap")
 
 
 def _write(path, idx, radius, correct):

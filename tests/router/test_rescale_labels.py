@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from dualrs_route.experts.errors import DataError
 from dualrs_route.experts.stats import certified_radius, lower_confidence_bound
 from dualrs_route.router.labels import FORMAT, LabelSet, load_labels, save_labels
+from bench_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGMAS = np.array([0.25, 0.5, 1.0])
@@ -23,10 +23,7 @@ CORRECT = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 1, 1]], dtype=bool)
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("rescale_labels", ROOT / "benchmarks" / "rescale_labels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("rescale_labels")
 
 
 def _radius(count: int, n: int, sigma: float) -> float:

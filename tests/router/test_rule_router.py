@@ -7,10 +7,8 @@ own router-scores + compose, must give exactly the rows the fit replays.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,17 +21,14 @@ from dualrs_route.router.calibrate import load_expert_stage, load_scores
 from dualrs_route.router.results import read_results
 from cli_checks import certify_experts
 from rs_oracle import write_linear_folder
+from bench_scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (1, 4, 4)
 SIGMAS = (0.1, 0.15, 0.2)
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("rule_router", ROOT / "benchmarks" / "rule_router.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("rule_router")
 
 
 def invoke(*args):
@@ -135,9 +130,7 @@ def test_confidence_routing_bound_reads_the_expert_files(zoo, capsys):
     does worse than sending everything to the best expert (a constant rule is on its grid) or better than the oracle."""
     tmp_path, experts, data = zoo
     tsvs = [str(p) for p in certify_experts(tmp_path, experts, data, n0=20, n=200, alpha=0.01, seed=2)]
-    spec = importlib.util.spec_from_file_location("bound", ROOT / "benchmarks" / "confidence_routing_bound.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("confidence_routing_bound")
     module.main([*tsvs, "--step", "0.05"])
     lines = capsys.readouterr().out.splitlines()
     gains = [t.radius * t.correct for t in map(read_results, tsvs)]
