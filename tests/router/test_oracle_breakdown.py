@@ -82,3 +82,17 @@ def test_bound_is_at_least_the_cascade_on_every_image(monkeypatch):
     monkeypatch.setattr("sys.argv", ["oracle_breakdown.py", "only-one.tsv"])
     with pytest.raises(SystemExit, match="at least two"):
         module.main()
+
+
+def test_router_breakdown_rows_add_up_to_the_acr_gap():
+    table = load_benchmark("router_breakdown").table
+    groups = np.array(["decided right", "decided right", "decided wrong", "undecided"])
+    radius = np.array([0.2, 3.0, 0.0, 0.0])
+    rows = {"dual": np.array([0.5, 2.0, 0.3, 0.0]), "sets": np.array([0.5, 3.0, 0.3, 0.4]),
+            "constant": np.array([0.2, 3.0, 0.0, 0.0])}
+    lines = table(groups, radius, rows)
+    assert lines[0] == "| decided right | 2 | -0.1750 | +0.0750 |"  # dual: (0.3 - 1.0) / 4; sets: 0.3 / 4
+    assert "| - its radius in [0, 0.5) | 1 | +0.0750 | +0.0750 |" in lines
+    assert "| - its radius in [2.5, inf) | 1 | -0.2500 | +0.0000 |" in lines
+    assert lines[-3:] == ["| decided wrong | 1 | +0.0750 | +0.0750 |", "| undecided | 1 | +0.0000 | +0.1000 |",
+                          "| all | 4 | -0.1000 | +0.2500 |"]
