@@ -38,6 +38,8 @@
 #                     softmax margin on the lab images, regressed on the re-scored labels; eighth session, after every
 #                     test run above: VARIANTS must name it)
 #   u-se1.0-l80-n10k-rw  u-se1.0-l80-n10k with --regret-weights (ninth session; VARIANTS must name it)
+#   u-se1.0-l5-n10k   u-se1.0-l80-n10k at consistency lambda 5: does consistency cost the router its ranking?
+#                     (ninth session; VARIANTS must name it)
 # Usage: bash benchmarks/unseen_pipeline.sh        (STEPS=... VARIANTS=... HN=1000 THREADS=2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -101,6 +103,7 @@ train() {  # train NAME: the variant's train-router command
     u-se1.0-l80-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" ;;
     u-se1.0-l80-mg) set -- --labels "$OUT/labels-lab-mg.npz" "${resnet[@]}" ;;
     u-se1.0-l80-n10k-rw) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" --regret-weights ;;
+    u-se1.0-l5-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" --lambda 5 ;;
     u-p8-se1.0-l80) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
     u-p8-se2.0) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 2.0 --lambda 20 ;;
     u-p8-se1.0-l80-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
