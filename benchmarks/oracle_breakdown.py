@@ -36,10 +36,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualrs_route.experts.stats import (certify_from_counts, lower_confidence_bound,  # noqa: E402
-                                        upper_confidence_bound)
+from dualrs_route.experts.stats import certify_from_counts, lower_confidence_bound  # noqa: E402
 from dualrs_route.router.cascade import (ABSTAIN_HERE, DECIDE, cascade_from_counts, decided_radius,  # noqa: E402
-                                         other_classes_upper, skipped_radius, stage_levels, stage_outcome)
+                                         evaluate_stage, other_classes_upper, skipped_radius, stage_levels)
 from dualrs_route.router.cascade_replay import load_expert_counts  # noqa: E402
 
 GROUPS = ("decided right", "decided wrong", "undecided")
@@ -58,13 +57,10 @@ def first_stage_bound(draw: tuple[int, np.ndarray], others: list[tuple[int, np.n
     expert, ``others`` = (guess, counts, sigma) of the rest."""
     levels = stage_levels(alpha, stages)[0]
     guess, counts = draw
-    n = int(counts.sum())
-    lower = lower_confidence_bound(int(counts[guess]), n, levels.lower)
-    upper = upper_confidence_bound(int(counts[guess]), n, levels.upper)
-    outcome = stage_outcome(lower, upper, p0)
-    if outcome == DECIDE:
-        return min(decided_radius(sigma, lower, p0), 1e9) if guess == label else 0.0
-    if outcome == ABSTAIN_HERE:
+    stage = evaluate_stage(guess, counts, sigma=sigma, n0=0, levels=levels, p0=p0, expert=0)
+    if stage.outcome == DECIDE:
+        return min(decided_radius(sigma, stage.p_lower, p0), 1e9) if guess == label else 0.0
+    if stage.outcome == ABSTAIN_HERE:
         return 0.0
     cap = skipped_radius(sigma, other_classes_upper(counts, label, levels.upper), p0)
     best = max(own_radius(g, c, label, s, alpha / stages) for g, c, s in others)

@@ -77,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.scores and not args.results:
         sys.exit("error: give --scores NAME=S.npz or --results NAME=R.tsv")
-    b = breakdown([load_expert_counts(p) for p in args.expert_results], scale=args.scale, alpha=args.alpha, p0=0.5)
+    files = [load_expert_counts(p) for p in args.expert_results]
+    b = breakdown(files, scale=args.scale, alpha=args.alpha, p0=0.5)
     for spec in args.scores:
         name, _, path = spec.partition("=")
         scores = calibrate.load_scores(path)
@@ -90,7 +91,7 @@ def main() -> None:
         print(f"| group | images | dual | sets, tau {args.tau:g} |")
         print("|---|---|---|---|")
         print("\n".join(table(b["group"], b["radii"][:, 0], rows)))
-    widest = max(args.expert_results, key=lambda p: load_expert_counts(p).sigma)
+    widest = max(files, key=lambda f: f.sigma).path
     for spec in args.results:
         name, _, path = spec.partition("=")
         (idx, routed), (ref_idx, reference) = file_values(path), file_values(widest)
