@@ -40,6 +40,7 @@
 #   u-se1.0-l80-n10k-rw  u-se1.0-l80-n10k with --regret-weights (ninth session; VARIANTS must name it)
 #   u-se1.0-l5-n10k   u-se1.0-l80-n10k at consistency lambda 5: does consistency cost the router its ranking?
 #                     (ninth session; VARIANTS must name it)
+#   u-se1.0-l80-n10k-e60  u-se1.0-l80-n10k trained for 60 epochs instead of 20 (tenth session; VARIANTS must name it)
 # Usage: bash benchmarks/unseen_pipeline.sh        (STEPS=... VARIANTS=... HN=1000 THREADS=2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -104,6 +105,7 @@ train() {  # train NAME: the variant's train-router command
     u-se1.0-l80-mg) set -- --labels "$OUT/labels-lab-mg.npz" "${resnet[@]}" ;;
     u-se1.0-l80-n10k-rw) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" --regret-weights ;;
     u-se1.0-l5-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" --lambda 5 ;;
+    u-se1.0-l80-n10k-e60) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" --epochs 60 ;;
     u-p8-se1.0-l80) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
     u-p8-se2.0) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 2.0 --lambda 20 ;;
     u-p8-se1.0-l80-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
