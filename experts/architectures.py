@@ -340,6 +340,63 @@ def grouped_outputs(num_classes: int, in_channels: int, input_shape, base: str =
     return GroupedOutputs(network, parsed)
 
 
+GATE_FEATURES = ("p1", "margin")
+GATE_MODES = ("gate", "blend")
+
+
+class GatedRouter(nn.Module):
+    """A router combined with a classifier's confidence on the same input: ``router`` gives K logits, ``gate`` (a
+    classifier, e.g. the sigma 1.0 expert's network) gives its confidence s (``p1``, its top softmax
+    probability, or ``margin``, p1 - p2). Mode ``gate``: where s >= ``threshold`` the output votes for
+    ``gate_class`` (logit 1e4 there, 0 elsewhere), otherwise it is the router's logits unchanged. Mode ``blend``:
+    the router's logit for ``gate_class`` is raised by ``weight`` * s + ``bias`` (float32, in that order), the
+    others kept. Either is a deterministic function of the input, so the smoothed router is certified like any
+    other. State-dict keys ``router.*`` and ``gate.*``."""
+
+    def __init__(self, router: nn.Module, gate: nn.Module, feature: str, threshold: float, gate_class: int,
+                 num_classes: int, mode: str = "gate", weight: float = 0.0, bias: float = 0.0):
+        super().__init__()
+        if feature not in GATE_FEATURES:
+            raise ValueError(f"gate feature {feature!r}; known: {', '.join(GATE_FEATURES)}")
+        if mode not in GATE_MODES:
+            raise ValueError(f"gate mode {mode!r}; known: {', '.join(GATE_MODES)}")
+        if not 0 <= gate_class < num_classes:
+            raise ValueError(f"gate_class {gate_class} is not one of the {num_classes} router classes")
+        self.router, self.gate = router, gate
+        self.feature, self.threshold, self.gate_class = feature, float(threshold), int(gate_class)
+        self.num_classes, self.mode, self.weight, self.bias = int(num_classes), mode, float(weight), float(bias)
+
+    def forward(self, x):
+        logits = self.router(x)
+        top = torch.topk(torch.softmax(self.gate(x), dim=1), 2, dim=1).values
+        s = top[:, 0] if self.feature == "p1" else top[:, 0] - top[:, 1]
+        onehot = torch.zeros_like(logits)
+        onehot[:, self.gate_class] = 1.0
+        if self.mode == "blend":
+            shift = s * torch.tensor(self.weight, dtype=s.dtype) + torch.tensor(self.bias, dtype=s.dtype)
+            return logits + onehot * shift.unsqueeze(1)
+        gated = (s >= torch.tensor(self.threshold, dtype=s.dtype)).unsqueeze(1)
+        return torch.where(gated, onehot * 1e4, logits)
+
+
+@register("gated_router")
+def gated_router(num_classes: int, in_channels: int, input_shape, router: str = "linear",
+                 router_args: dict | None = None, gate: str = "linear", gate_args: dict | None = None,
+                 gate_classes: int = 10, feature: str = "p1", threshold: float = 2.0,
+                 gate_class: int | None = None, mode: str = "gate", weight: float = 0.0,
+                 bias: float = 0.0) -> nn.Module:
+    """:class:`GatedRouter`; ``gate_class`` defaults to the last router class, ``threshold`` 2.0 never gates."""
+    for name in (router, gate):
+        if name not in _REGISTRY or name == "gated_router":
+            raise KeyError(f"unknown architecture {name!r}; known: {', '.join(available())}")
+    r = _REGISTRY[router](num_classes=num_classes, in_channels=in_channels, input_shape=input_shape,
+                          **(router_args or {}))
+    g = _REGISTRY[gate](num_classes=int(gate_classes), in_channels=in_channels, input_shape=input_shape,
+                        **(gate_args or {}))
+    return GatedRouter(r, g, feature, threshold, num_classes - 1 if gate_class is None else int(gate_class),
+                       num_classes, mode, weight, bias)
+
+
 @register("linear")
 def linear(num_classes: int, in_channels: int, input_shape) -> nn.Module:
     """Logits = W x + b on the flattened input. Its smoothed probabilities are closed-form,

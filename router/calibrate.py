@@ -548,6 +548,55 @@ def write_grouped_router(folder, experts, out: str | os.PathLike, merges: dict[i
     return _replace_folder(out, "group", lambda tmp: save_folder(tmp, config, model.eval()))
 
 
+def write_gated_router(folder, gate, experts, out: str | os.PathLike, *, feature: str, threshold: float = 2.0,
+                       gate_class: int | None = None, mode: str = "gate", weight: float = 0.0, bias: float = 0.0,
+                       overwrite: bool = False) -> Path:
+    """Router ``folder`` (routing to the loaded ``experts``) overruled by classifier folder ``gate`` (architecture
+    ``gated_router``): on each noisy copy, where ``gate``'s confidence ``feature`` is >= ``threshold`` the vote
+    goes to ``gate_class`` (default: the last expert), elsewhere to the router's argmax; with ``mode="blend"``
+    the router's logit for ``gate_class`` is raised by ``weight`` * confidence + ``bias`` instead (float32).
+    Both networks' weights are copied unchanged (keys
+    ``router.*`` and ``gate.*``); both must normalise their input alike, as the folder normalises once. The
+    router's experts, sigma_e and class names are kept. Refuses a router with logit offsets."""
+    import torch
+
+    from dualrs_route.experts.architectures import build_model
+    from dualrs_route.experts.folders import save_folder
+
+    from .training import portable_reference
+
+    cfg, gcfg = folder.config, gate.config
+    if cfg.logit_offsets is not None:
+        raise DataError(f"{folder.reference} has logit offsets; gate the router they were fitted on")
+    if tuple(cfg.input_shape) != tuple(gcfg.input_shape) or tuple(cfg.mean) != tuple(gcfg.mean) \
+            or tuple(cfg.std) != tuple(gcfg.std):
+        raise DataError(f"{gate.reference} takes other inputs (shape, mean or std) than {folder.reference}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    k = int(cfg.num_classes)
+    args = {"router": cfg.architecture, "router_args": dict(cfg.architecture_args), "gate": gcfg.architecture,
+            "gate_args": dict(gcfg.architecture_args), "gate_classes": int(gcfg.num_classes), "feature": str(feature),
+            "threshold": float(threshold), "gate_class": k - 1 if gate_class is None else int(gate_class),
+            "mode": str(mode), "weight": float(weight), "bias": float(bias)}
+    model = build_model("gated_router", num_classes=k, input_shape=tuple(cfg.input_shape), mean=cfg.mean,
+                        std=cfg.std, **args)
+    state = {}
+    for prefix, source in (("router", folder), ("gate", gate)):
+        for name, value in source.load_torch_model().state_dict().items():
+            head, _, rest = name.partition(".")  # "1.conv1.weight": the network behind the NormalizeLayer
+            state[f"{head}.{prefix}.{rest}"] = value
+    target = model.state_dict()
+    if set(state) != set(target) or any(state[n].shape != target[n].shape for n in target):
+        raise DataError(f"the weights of {folder.reference} and {gate.reference} do not fit a gated router")
+    with torch.no_grad():
+        model.load_state_dict(state)
+    config = dataclasses.replace(cfg, architecture="gated_router", architecture_args=args, name=out.name,
+                                 experts=tuple(portable_reference(e, out) for e in experts),
+                                 extra=dict(cfg.extra, gated={"router": folder.reference, "gate": gate.reference}))
+    return _replace_folder(out, "gate", lambda tmp: save_folder(tmp, config, model.eval()))
+
+
 def merge_groups(num_experts: int, merges: dict[int, int]) -> tuple[list[list[int]], list[int]]:
     """(groups of router outputs, the expert each group routes to) when the votes for expert j count for
     expert ``merges[j]``: one group per kept expert, in expert order."""
