@@ -41,6 +41,10 @@
 #   u-se1.0-l5-n10k   u-se1.0-l80-n10k at consistency lambda 5: does consistency cost the router its ranking?
 #                     (ninth session; VARIANTS must name it)
 #   u-se1.0-l80-n10k-e60  u-se1.0-l80-n10k trained for 60 epochs instead of 20 (tenth session; VARIANTS must name it)
+#   u2-se0.5-l80-n10k  a level-2 router over sigma 0.25 and 0.5 only (choice-l2.txt): u-se1.0-l80-n10k's recipe on the
+#                     re-scored labels without sigma 1.0's column, sigma_e 0.5, init the sigma 0.5 expert (eleventh
+#                     session; VARIANTS must name it; left out of the replay step: benchmarks/selector_levers.py
+#                     two-level replays it under -rn)
 # Usage: bash benchmarks/unseen_pipeline.sh        (STEPS=... VARIANTS=... HN=1000 THREADS=2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +79,9 @@ mkdir -p "$RW"
 if has routers && [ ! -f "$OUT/labels-lab-n10k.npz" ]; then
   python benchmarks/rescale_labels.py "$OUT/labels-lab.npz" "$OUT/labels-lab-n10k.npz" --n 10000
 fi
+if has routers && [[ " $VARIANTS " == *" u2-"* ]] && [ ! -f "$OUT/labels-lab-n10k-l2.npz" ]; then
+  python benchmarks/subset_labels.py "$OUT/labels-lab-n10k.npz" "$OUT/labels-lab-n10k-l2.npz" --keep 0 1
+fi
 if has routers && [[ " $VARIANTS " == *" u-se1.0-l80-mg "* ]] && [ ! -f "$OUT/labels-lab-mg.npz" ]; then
   # the sigma 1.0 probe (as the rule step's) on the lab images, 32 noisy copies each, then the margin labels
   probe=$WORK/probe-se1.0
@@ -97,6 +104,7 @@ train() {  # train NAME: the variant's train-router command
   local resnet=(--arch confidence_head --arch-args '{"base": "cifar_resnet20", "base_classes": 10, "hidden": 32}'
                 --epochs 20 --weight-decay 0.01 --batch 64 --lr 0.001 --init ${X}1.0 --sigma-e 1.0 --lambda 80
                 --precision "$PRECISION")
+  local experts=("${CR[@]}")
   local pooled=(--arch pooled_mlp --arch-args '{"pool": 8, "hidden": [256, 256]}' --epochs 60 --batch 256 --lr 0.001
                 --no-augment)
   case $1 in
@@ -106,6 +114,8 @@ train() {  # train NAME: the variant's train-router command
     u-se1.0-l80-n10k-rw) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" --regret-weights ;;
     u-se1.0-l5-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" --lambda 5 ;;
     u-se1.0-l80-n10k-e60) set -- --labels "$OUT/labels-lab-n10k.npz" "${resnet[@]}" --epochs 60 ;;
+    u2-se0.5-l80-n10k) set -- --labels "$OUT/labels-lab-n10k-l2.npz" "${resnet[@]}" --init ${X}0.5 --sigma-e 0.5
+      experts=(--expert ${X}0.25 --expert ${X}0.5) ;;
     u-p8-se1.0-l80) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
     u-p8-se2.0) set -- --labels "$OUT/labels-lab.npz" "${pooled[@]}" --sigma-e 2.0 --lambda 20 ;;
     u-p8-se1.0-l80-n10k) set -- --labels "$OUT/labels-lab-n10k.npz" "${pooled[@]}" --sigma-e 1.0 --lambda 80 ;;
@@ -116,7 +126,7 @@ train() {  # train NAME: the variant's train-router command
       --regret-weights ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
-  dualrs-route train-router "$@" "${CR[@]}" --eta 0.5 --temperature 0.1 --seed 0 --threads "$THREADS" --data "$DATA" \
+  dualrs-route train-router "$@" "${experts[@]}" --eta 0.5 --temperature 0.1 --seed 0 --threads "$THREADS" --data "$DATA" \
     --quiet --out "$R"
 }
 sel=(--expert-results "$OUT/sel-expert-0.25.tsv" --expert-results "$OUT/sel-expert-0.5.tsv"
@@ -141,7 +151,9 @@ for v in $VARIANTS; do
     S=$WORK/scores-$v.npz
     [ -f "$S" ] || dualrs-route router-scores --router "$R" --dataset "npz:$WORK/sel.npz" --router-N0 100 \
       --router-N "$HN" --seed 0 --batch 400 --engine onnxruntime --threads "$THREADS" --quiet --out "$S"
-    [ -f "$OUT/sel-$v.md" ] || python benchmarks/router_sets.py --router "$R" --scores "$S" "${sel[@]}" --tau 2 0.05 \
+    given=("${sel[@]}")
+    [[ $v == u2-* ]] && given=("${sel[@]:0:4}")  # a level-2 router: the sigma 0.25 and 0.5 experts only
+    [ -f "$OUT/sel-$v.md" ] || python benchmarks/router_sets.py --router "$R" --scores "$S" "${given[@]}" --tau 2 0.05 \
       --json "$OUT/sel-$v.json" > "$OUT/sel-$v.md"
   fi
 done
@@ -162,6 +174,7 @@ fi
 if has replay; then
   given=()
   for v in $VARIANTS; do
+    [[ $v == u2-* ]] && continue
     [ -f "$WORK/scores-$v.npz" ] && given+=(--scores "$v=$WORK/scores-$v.npz")
   done
   python benchmarks/unseen_replay.py "${given[@]}" "${sel[@]}" --scale 1 10 --tau 0.05 --json "$OUT/replay.json" \

@@ -81,3 +81,29 @@ def test_command_writes_a_labels_file_and_never_overwrites(tmp_path):
     np.testing.assert_allclose(out.radii, _script().rescale(_labels(), 10_000).radii)
     again = subprocess.run(run, capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_subset_labels_keeps_the_chosen_experts_columns(tmp_path):
+    """``benchmarks/subset_labels.py`` (the level-2 router's labels): every image, the kept experts' columns in the
+    order given, loadable again; a bad --keep is refused and nothing is written."""
+    module = load_benchmark("subset_labels")
+    labels = _labels()
+    out = module.subset(labels, [2, 0])
+    np.testing.assert_array_equal(out.radii, labels.radii[:, [2, 0]])
+    np.testing.assert_array_equal(out.p_lower, labels.p_lower[:, [2, 0]])
+    np.testing.assert_array_equal(out.predictions, labels.predictions[:, [2, 0]])
+    assert out.experts == ["c", "a"] and list(out.sigmas) == [SIGMAS[2], SIGMAS[0]]
+    np.testing.assert_array_equal(out.indices, labels.indices)
+    save_labels(tmp_path / "in.npz", labels)
+    script = ROOT / "benchmarks" / "subset_labels.py"
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), "--keep",
+                          "0", "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    again = load_labels(tmp_path / "out.npz", require_complete=True)
+    np.testing.assert_array_equal(again.radii, labels.radii[:, :2])
+    for bad in ([], [0, 0], [3]):
+        with pytest.raises(DataError, match="distinct expert indices"):
+            module.subset(labels, bad)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "in.npz"), str(tmp_path / "bad.npz"), "--keep",
+                          "5"], capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.strip().startswith("error:") and not (tmp_path / "bad.npz").exists()
