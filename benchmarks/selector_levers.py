@@ -24,8 +24,8 @@ images; each family's test-look rule is declared in ``benchmarks/results/unseen/
 ``two-level`` (choice-l2.txt). Level 1 is the router over {rest, D} (sigma 0.25 merged into 0.5) at sigma_e1; where it
   leaves D, a level-2 router over {sigma 0.25, sigma 0.5} at its own sigma_e2 picks. The selector is a deterministic
   function of x: on a row that leaves D it stays put within min(R_1, R_2), each level's Cohen radius at half of beta.
-  Level 2 is plain or with its set proof (``router.sets.certify_set``: S = both experts needs no level-2 bound);
-  ``--level1-sets`` adds the set proof at level 1 too, with the level-2 certificate as the "rest" member's. One union
+  Each level is replayed plain and with its set proof (``router.sets.certify_set``; S = both outputs needs no bound
+  for that level), the level-1 set proof taking the level-2 certificate as the "rest" member's: four rows. One union
   bound: beta/2 per level, alpha over the experts as ``certify_set`` splits it.
 
 Usage:
@@ -155,7 +155,7 @@ def class_counts(rp: Replay, j: int) -> tuple[np.ndarray, np.ndarray]:
 
 def guard_replay(rp: Replay, z: float, *, beta: float, alpha: float, alpha_guard: float) -> np.ndarray:
     """Per-row radius of the guarded selector at t_hi = Phi(z), each row on its better side (an upper bound)."""
-    sel_d, est_d = rp.binary()
+    _, est_d = rp.binary()
     p_beta, p_alpha = lcb_table(rp.n, beta), lcb_table(rp.n, alpha)
     p_guard = lcb_table(rp.n, alpha_guard / 10.0)
     sigma_e = rp.scores.sigma
@@ -251,11 +251,9 @@ class TwoLevel:
         self.rp, self.rp2 = rp, rp2
         self.alpha, self.beta = split_alpha(alpha)
         self.b1 = self.b2 = self.beta / 2.0
-
-    def expert_cert(self, rp: Replay, j: int, i: int, level: float) -> Certificate:
-        e = rp.experts[j]
-        (ok,), (radius,), (p_lower,), (count,) = calibrate.expert_stage(e, level, [i])
-        return Certificate(int(e.guess[i]) if ok else ABSTAIN, float(radius), float(p_lower), int(count), int(e.n))
+        sel_d, est_d = rp.binary()
+        self.select1 = np.stack([rp.n0 - sel_d, sel_d], axis=1)  # [rest, D] per row
+        self.estimate1 = np.stack([rp.n - est_d, est_d], axis=1)
 
     def level2(self, i: int, level: float, tau2: float | None) -> Certificate:
         """Level 2's certificate of row i (its router at beta/2, its experts within ``level``)."""
@@ -265,12 +263,12 @@ class TwoLevel:
         members = set_members(sel, tau2) if tau2 is not None else np.eye(2, dtype=bool)[top]
         if members.sum() > 1:
             res = certify_set(members, top, int(est[top]), int(est[members].sum()), rp2.n, beta=self.b2, alpha=level,
-                              sigma_e=rp2.scores.sigma, expert=lambda k, lv: self.expert_cert(rp2, k, i, lv))
+                              sigma_e=rp2.scores.sigma, expert=lambda k, lv: calibrate.expert_certificate(rp2.experts[k], lv, i))
             return Certificate(res.prediction, res.radius if res.prediction != ABSTAIN else 0.0, 0.0, 0, rp2.n)
         p = lcb_table(rp2.n, self.b2)[int(est[top])]
         if p <= 0.5:
             return Certificate(ABSTAIN, 0.0, float(p), int(est[top]), rp2.n)
-        cert = self.expert_cert(rp2, top, i, level)
+        cert = calibrate.expert_certificate(rp2.experts[top], level, i)
         if cert.abstained:
             return cert
         return Certificate(cert.prediction, min(rp2.scores.sigma * norm.ppf(p), cert.radius), cert.p_lower,
@@ -279,13 +277,11 @@ class TwoLevel:
     def row(self, i: int, *, tau1: float | None, tau2: float | None) -> float:
         """Row i's certified radius if correct, else 0."""
         rp = self.rp
-        sel_d, est_d = rp.binary()
-        sel = np.array([rp.n0 - sel_d[i], sel_d[i]])  # [rest, D]
-        est = np.array([rp.n - est_d[i], est_d[i]])
+        sel, est = self.select1[i], self.estimate1[i]
         top = int(np.argmax(sel))
 
         def member(k: int, level: float) -> Certificate:
-            return self.expert_cert(rp, rp.d, i, level) if k == 1 else self.level2(i, level, tau2)
+            return calibrate.expert_certificate(rp.experts[rp.d], level, i) if k == 1 else self.level2(i, level, tau2)
 
         members = set_members(sel, tau1) if tau1 is not None else np.eye(2, dtype=bool)[top]
         if members.sum() > 1:

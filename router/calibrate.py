@@ -240,6 +240,12 @@ def expert_stage(e: ExpertStage, level: float, rows) -> tuple[np.ndarray, np.nda
     return ok, np.where(ok, r_e[counts], 0.0), p_e[counts], counts
 
 
+def expert_certificate(e: ExpertStage, level: float, i: int) -> Certificate:
+    """Row ``i``'s CERTIFY outcome of ``e`` re-derived at ``level`` (:func:`expert_stage` of one row)."""
+    (ok,), (radius,), (p_lower,), (count,) = expert_stage(e, level, [i])
+    return Certificate(int(e.guess[i]) if ok else ABSTAIN, float(radius), float(p_lower), int(count), int(e.n))
+
+
 def routed_counts(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """int64 [m, K]: per image, the argmax counts of ``logits + offsets`` (float32, as the engines add them)."""
     k = logits.shape[-1]
@@ -326,9 +332,7 @@ def simulate_sets(scores, experts, offsets, *, alpha: float, beta: float, tau: f
             continue
 
         def member(k: int, level: float, i=i) -> Certificate:
-            e = experts[k]
-            (ok,), (radius,), (p_lower,), (count,) = expert_stage(e, level, [i])
-            return Certificate(int(e.guess[i]) if ok else ABSTAIN, float(radius), float(p_lower), int(count), int(e.n))
+            return expert_certificate(experts[k], level, i)
 
         top = int(np.argmax(select[i]))
         result = certify_set(members, top, int(estimate[i][top]), int(estimate[i][members].sum()), n, beta=beta,
